@@ -1,0 +1,57 @@
+//! Shared helpers for tests that need the real models and the reference fixtures.
+#![allow(dead_code)]
+
+use search_r3_model::{fetch, load::load_path, LoadOptions, LoadedModel};
+use std::path::PathBuf;
+
+/// `../shared` beside the repository (override with `SEARCH_R3_SHARED`).
+pub fn shared_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("SEARCH_R3_SHARED") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+
+/// Reads a fixture JSON file.
+pub fn fixture(rel: &str) -> serde_json::Value {
+    let p = shared_dir().join("fixtures").join(rel);
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Loads a known model. In CI (`CI` set) it is fetched if missing and must load; locally a
+/// missing model skips the test (returns `None`) with a note.
+pub fn real_model(name: &str) -> Option<LoadedModel> {
+    let path = match fetch::cached_path(name) {
+        Some(p) => p,
+        None if std::env::var_os("CI").is_some() => {
+            fetch::fetch(name, &fetch::FetchOptions::default()).expect("CI must be able to fetch the model")
+        }
+        None => {
+            eprintln!("SKIP: model `{name}` not fetched (run `search-r3 model fetch {name}`); CI fetches it");
+            return None;
+        }
+    };
+    let format = fetch::known_models()
+        .iter()
+        .find(|k| k.name == name)
+        .unwrap()
+        .format();
+    Some(load_path(&path, format, &LoadOptions::default()).expect("load real model"))
+}
+
+/// Max |a-b| over two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// A JSON array of numbers as f32.
+pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// A JSON array of ids.
+pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
