@@ -2,147 +2,84 @@
 //! (`../shared/fixtures/smollm2`). CI fetches the model; locally these skip if it is absent.
 
 mod common;
-use common::*;
-use search_r3_model::{generate, Batch, ForwardOptions, GenerationConfig, Path, StopReason};
+use common::reference::*;
+use search_r3_model::Path;
 
 const MODEL: &str = "smollm2";
 const FIX: &str = "smollm2";
+/// The brief's bound: float32 rounding alone moves these hidden states by up to 7e-5.
 const TOL: f32 = 2e-3;
 
 #[test]
 fn tokenizer_matches_transformers() {
-    let Some(m) = real_model(MODEL) else { return };
-    let fx = fixture(&format!("{FIX}/tokenize_cases.json"));
-    for case in fx["cases"].as_array().unwrap() {
-        let text = case["text"].as_str().unwrap();
-        let ids = m.tokenizer.encode(text).unwrap();
-        assert_eq!(ids, u32s(&case["ids"]), "tokenizing {text:?}");
-    }
+    check_tokenizer_matches_transformers(MODEL, FIX);
 }
 
 #[test]
 fn chat_template_renders_like_transformers() {
-    let Some(m) = real_model(MODEL) else { return };
-    let fx = fixture(&format!("{FIX}/generate.json"));
-    for case in fx["cases"].as_array().unwrap() {
-        let prompt = case["prompt"].as_str().unwrap();
-        // The fixture prompts were rendered from a single user turn with the generation prompt.
-        let user = prompt
-            .split("<|im_start|>user\n")
-            .nth(1)
-            .and_then(|s| s.split("<|im_end|>").next())
-            .unwrap();
-        let msgs = [search_r3_model::ChatMessage::new("user", user)];
-        let rendered = m.tokenizer.apply_chat_template(&msgs, true).unwrap();
-        assert_eq!(rendered, prompt);
-        assert_eq!(m.tokenizer.encode(&rendered).unwrap(), u32s(&case["prompt_ids"]));
-    }
-}
-
-fn check_forward(path: Path) {
-    let Some(m) = real_model(MODEL) else { return };
-    let fx = fixture(&format!("{FIX}/forward.json"));
-    let d = m.model.config.hidden_size;
-    for (ci, case) in fx["cases"].as_array().unwrap().iter().enumerate() {
-        let ids = u32s(&case["ids"]);
-        assert_eq!(m.tokenizer.encode(case["text"].as_str().unwrap()).unwrap(), ids);
-        let batch = Batch::left_padded(std::slice::from_ref(&ids), m.tokenizer.pad_id).unwrap();
-        let out = m
-            .model
-            .forward_with(&batch, path, None, ForwardOptions { capture_layers: true })
-            .unwrap();
-        let hidden: Vec<Vec<f32>> = out.hidden.squeeze(0).unwrap().to_vec2().unwrap();
-        let want = case["last_hidden_state"].as_array().unwrap();
-        assert_eq!(hidden.len(), want.len());
-        let mut worst = 0f32;
-        for (p, w) in want.iter().enumerate() {
-            worst = worst.max(max_abs_diff(&hidden[p], &f32s(w)));
-        }
-        eprintln!("case {ci} {path:?}: max |Δ| hidden = {worst:.2e}");
-        assert!(worst <= TOL, "case {ci} {path:?}: max |Δ| hidden = {worst}");
-        let block0 = out.layers[0].squeeze(0).unwrap().to_vec2::<f32>().unwrap();
-        let dl = max_abs_diff(&block0[ids.len() - 1], &f32s(&case["layer1_output"]));
-        assert!(dl <= TOL, "case {ci} {path:?}: block-0 max |Δ| = {dl}");
-        // Top-10 logits over the base vocabulary (the reference has no embed token).
-        let last = out.hidden.squeeze(0).unwrap().get(ids.len() - 1).unwrap();
-        let logits: Vec<f32> = m.model.logits(&last.reshape((1, d)).unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-        let logits = &logits[..m.model.config.vocab_size];
-        let want_ids = u32s(&case["last_logits_top10"]);
-        let want_vals = f32s(&case["last_logits_top10_values"]);
-        for (k, (&id, &v)) in want_ids.iter().zip(&want_vals).enumerate() {
-            let got = logits[id as usize];
-            assert!((got - v).abs() <= 5e-3, "case {ci}: logit of top-{k} id {id}: {got} vs {v}");
-        }
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        for k in 0..10 {
-            let got = order[k] as u32;
-            // Equal order, except where the reference values are themselves within tolerance.
-            if got != want_ids[k] {
-                let j = want_ids.iter().position(|&x| x == got).expect("top-10 sets differ");
-                assert!((want_vals[j] - want_vals[k]).abs() <= 5e-3, "case {ci}: top-10 order differs at {k}");
-            }
-        }
-    }
+    check_chat_template_renders_like_transformers(MODEL, FIX);
 }
 
 #[test]
 fn forward_fast_matches_reference() {
-    check_forward(Path::Fast);
+    check_forward(MODEL, FIX, TOL, Path::Fast);
 }
 
 #[test]
 fn forward_diff_matches_reference() {
-    check_forward(Path::Diff);
+    check_forward(MODEL, FIX, TOL, Path::Diff);
 }
 
 #[test]
 fn greedy_generation_matches_reference() {
-    let Some(m) = real_model(MODEL) else { return };
-    let fx = fixture(&format!("{FIX}/generate.json"));
-    let cases = fx["cases"].as_array().unwrap();
-    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| u32s(&c["prompt_ids"])).collect();
-    let cfg = GenerationConfig {
-        max_new_tokens: 24,
-        ..Default::default()
-    };
-    // One at a time and all together (left-padded batch) must both reproduce the reference.
-    let batched = generate(&m.model, &m.tokenizer, &prompts, &cfg).unwrap();
-    for (i, c) in cases.iter().enumerate() {
-        let want = u32s(&c["greedy_ids"]);
-        let single = generate(&m.model, &m.tokenizer, &prompts[i..i + 1], &cfg).unwrap();
-        assert_eq!(single[0].tokens, want, "case {i} alone");
-        assert_eq!(batched[i].tokens, want, "case {i} in batch");
-        let expect_stop = if want.len() < 24 { StopReason::Eos } else { StopReason::Budget };
-        assert_eq!(single[0].stop, expect_stop);
-        assert_eq!(single[0].text, c["greedy_text"].as_str().unwrap());
-    }
+    check_greedy_generation_matches_reference(MODEL, FIX);
 }
 
 #[test]
 fn left_padding_does_not_change_hidden_states() {
-    let Some(m) = real_model(MODEL) else { return };
-    let texts = [
-        "A short one.",
-        "Earth's axial tilt of about 23.4 degrees causes seasons as the planet orbits the Sun.",
-        "def f(x):\n    return x**2",
-    ];
-    let seqs: Vec<Vec<u32>> = texts.iter().map(|t| m.tokenizer.encode(t).unwrap()).collect();
-    for path in [Path::Fast, Path::Diff] {
-        let batch = Batch::left_padded(&seqs, m.tokenizer.pad_id).unwrap();
-        let all = m.model.forward(&batch, path, None).unwrap();
-        for (i, s) in seqs.iter().enumerate() {
-            let alone = m
-                .model
-                .forward(&Batch::left_padded(std::slice::from_ref(s), 0).unwrap(), path, None)
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            let row = all.get(i).unwrap();
-            let pad = batch.t - s.len();
-            let row = row.narrow(0, pad, s.len()).unwrap();
-            let diff = (row - alone).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff <= 1e-4, "{path:?} row {i}: max |Δ| = {diff}");
+    check_left_padding_does_not_change_hidden_states(MODEL, 1e-4);
+}
+
+/// On the real model: with LoRA on every projection (B factors moved off zero, as after a
+/// first optimizer step) and `<|embed_token|>` in the input, every trainable tensor receives a
+/// finite, non-zero gradient through the differentiable path, and no base weight receives one.
+#[test]
+fn every_trainable_tensor_gets_a_gradient() {
+    let Some(mut m) = common::real_model(MODEL) else { return };
+    let model = &mut m.model;
+    model.add_lora(search_r3_model::LoraConfig::default(), 7).unwrap();
+    for (name, var) in model.trainable_vars() {
+        if name.ends_with("lora_b") {
+            let t = candle_core::Tensor::randn(0f32, 0.01, var.dims(), var.device()).unwrap();
+            var.set(&t).unwrap();
         }
+    }
+    let text = "<|im_start|>assistant\nThe embedding is <|embed_token|><|im_end|>";
+    let ids = m.tokenizer.encode(text).unwrap();
+    let eid = model.embed_token.as_ref().unwrap().id;
+    assert_eq!(ids.iter().filter(|&&i| i == eid).count(), 1, "embed token is one token");
+    let batch = search_r3_model::Batch::left_padded(std::slice::from_ref(&ids), 0).unwrap();
+    let h = model.forward(&batch, Path::Diff, None).unwrap();
+    let r = candle_core::Tensor::randn(0f32, 1.0, h.dims(), h.device()).unwrap();
+    // Hidden-state term (the embedding) plus an LM term that reads the embed-token logit.
+    let last = h.narrow(1, ids.len() - 1, 1).unwrap();
+    let logit_embed = model.logits(&last).unwrap().narrow(2, eid as usize, 1).unwrap().sum_all().unwrap();
+    let loss = ((h * r).unwrap().sum_all().unwrap() + logit_embed).unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = model.trainable_vars();
+    assert_eq!(vars.len(), 1 + 30 * 7 * 2, "tied model: one embed row + 420 LoRA factors");
+    for (name, var) in &vars {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let v: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+        assert!(v.iter().any(|&x| x != 0.0), "{name}: all-zero gradient");
+    }
+    let w = &model.weights;
+    let mut base = vec![&w.embed, &w.norm];
+    for l in &w.layers {
+        base.extend([&l.attn_norm, &l.wqkv, &l.wo, &l.ffn_norm, &l.w_gate_up, &l.w_down]);
+    }
+    for t in base {
+        assert!(grads.get(t).is_none(), "a frozen base weight received a gradient");
     }
 }

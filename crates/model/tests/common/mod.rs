@@ -55,3 +55,5 @@ pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
 pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
+
+pub mod reference;
