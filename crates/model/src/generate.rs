@@ -89,7 +89,11 @@ pub fn generate(
     let n = prompts.len();
     let embed_id = model.embed_token.as_ref().map(|e| e.id);
     let mut rngs: Vec<rand::rngs::StdRng> = (0..n)
-        .map(|r| rand::rngs::StdRng::seed_from_u64(cfg.seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+        .map(|r| {
+            rand::rngs::StdRng::seed_from_u64(
+                cfg.seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            )
+        })
         .collect();
 
     let first = Batch::left_padded(prompts, tok.pad_id)?;
@@ -218,7 +222,10 @@ fn sample(logits: &[f32], cfg: &GenerationConfig, rng: &mut impl Rng) -> usize {
         idx.truncate(k.max(1));
     }
     let m = logits[idx[0]] as f64;
-    let mut p: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - m) / t).exp()).collect();
+    let mut p: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] as f64 - m) / t).exp())
+        .collect();
     let z: f64 = p.iter().sum();
     p.iter_mut().for_each(|x| *x /= z);
     if let Some(top_p) = cfg.top_p {
@@ -288,7 +295,9 @@ mod tests {
             ..Default::default()
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let ones = (0..20_000).filter(|_| sample(&logits, &cfg, &mut rng) == 1).count();
+        let ones = (0..20_000)
+            .filter(|_| sample(&logits, &cfg, &mut rng) == 1)
+            .count();
         let f = ones as f64 / 20_000.0;
         assert!((f - 0.75).abs() < 0.015, "frequency {f}");
     }
@@ -296,7 +305,11 @@ mod tests {
     #[test]
     fn greedy_takes_first_maximum_and_reports_logprob() {
         let logits = [1.0f32, 5.0, 5.0];
-        let (id, lp) = pick_token(&logits, &GenerationConfig::default(), &mut rand::rngs::StdRng::seed_from_u64(0));
+        let (id, lp) = pick_token(
+            &logits,
+            &GenerationConfig::default(),
+            &mut rand::rngs::StdRng::seed_from_u64(0),
+        );
         assert_eq!(id, 1);
         let expect = (5.0f64 - (1f64.exp() + 2.0 * 5f64.exp()).ln()) as f32;
         assert!((lp - expect).abs() < 1e-6);

@@ -11,13 +11,14 @@ pub mod generate;
 pub mod load;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod state;
 pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
-pub use generate::{generate, GenerationConfig, Generation, StopReason};
+pub use generate::{generate, Generation, GenerationConfig, StopReason};
 pub use load::{load_model, LoadOptions, LoadedModel};
 pub use lora::{LoraConfig, LoraTarget};
 pub use model::{Batch, ForwardOptions, KvCache, Model, Path};

@@ -74,7 +74,9 @@ pub fn load_path(path: &Path, format: ModelFormat, opts: &LoadOptions) -> Result
     let mut model = Model::new(config, w)?;
     if opts.add_embed_token {
         let id = tokenizer.add_embed_token()?;
-        model.add_embed_token(id).map_err(|e| Error::file(path, e.to_string()))?;
+        model
+            .add_embed_token(id)
+            .map_err(|e| Error::file(path, e.to_string()))?;
     }
     let id = path
         .file_name()

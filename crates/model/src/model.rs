@@ -11,6 +11,7 @@
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::{Lora, LoraConfig, LoraTarget};
+use crate::ops::frozen_linear;
 use crate::weights::{LayerWeights, Weights};
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 
@@ -71,7 +72,8 @@ impl Batch {
             let pad = t - s.len();
             ids.extend(std::iter::repeat_n(pad_id, pad).chain(s.iter().copied()));
             positions.extend(std::iter::repeat_n(0, pad).chain(0..s.len() as u32));
-            key_mask.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, s.len())));
+            key_mask
+                .extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, s.len())));
         }
         Ok(Batch {
             b: seqs.len(),
@@ -96,7 +98,8 @@ impl Batch {
             }
             let pad = t - s.len();
             ids.extend(s.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
-            key_mask.extend(std::iter::repeat_n(true, s.len()).chain(std::iter::repeat_n(false, pad)));
+            key_mask
+                .extend(std::iter::repeat_n(true, s.len()).chain(std::iter::repeat_n(false, pad)));
         }
         let positions = (0..seqs.len()).flat_map(|_| 0..t as u32).collect();
         Ok(Batch {
@@ -233,7 +236,9 @@ impl Model {
             });
         }
         if self.lora.is_some() {
-            return Err(Error::Invalid("convert the model before adding LoRA adapters".into()));
+            return Err(Error::Invalid(
+                "convert the model before adding LoRA adapters".into(),
+            ));
         }
         Ok(m)
     }
@@ -293,7 +298,14 @@ impl Model {
             LoraTarget::Gate | LoraTarget::Up => (d, ff),
             LoraTarget::Down => (ff, d),
         };
-        self.lora = Some(Lora::new(config, c.num_layers, dims, seed, self.dtype, &self.device)?);
+        self.lora = Some(Lora::new(
+            config,
+            c.num_layers,
+            dims,
+            seed,
+            self.dtype,
+            &self.device,
+        )?);
         Ok(())
     }
 
@@ -325,15 +337,21 @@ impl Model {
             .iter()
             .map(|&i| if i >= vocab { 0 } else { i })
             .collect();
-        if let Some(bad) = ids.iter().find(|&&i| i >= vocab && Some(i) != e.map(|e| e.id)) {
-            return Err(Error::Invalid(format!("token id {bad} is outside the vocabulary ({vocab})")));
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&i| i >= vocab && Some(i) != e.map(|e| e.id))
+        {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
         }
         let idx = Tensor::new(safe.as_slice(), &self.device)?;
         let base = self.weights.embed.index_select(&idx, 0)?;
         match e {
             Some(e) if ids.contains(&e.id) => {
                 let m: Vec<u8> = ids.iter().map(|&i| (i == e.id) as u8).collect();
-                let m = Tensor::from_vec(m, (ids.len(), 1), &self.device)?.broadcast_as(base.shape())?;
+                let m = Tensor::from_vec(m, (ids.len(), 1), &self.device)?
+                    .broadcast_as(base.shape())?;
                 let row = e.row.as_tensor().broadcast_as(base.shape())?;
                 Ok(m.where_cond(&row, &base)?)
             }
@@ -347,7 +365,7 @@ impl Model {
         let d = *dims.last().expect("hidden has a feature dim");
         let h = hidden.reshape(((), d))?;
         let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
-        let mut logits = h.matmul(&head.t()?)?;
+        let mut logits = frozen_linear(&h, head)?;
         if let Some(e) = &self.embed_token {
             let row = e.head_row.as_ref().unwrap_or(&e.row).as_tensor();
             let col = h.matmul(&row.t()?)?; // [n, 1]
@@ -367,8 +385,15 @@ impl Model {
     }
 
     /// Final-norm hidden states `[b, t, d]`.
-    pub fn forward(&self, batch: &Batch, path: Path, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        Ok(self.forward_with(batch, path, cache, ForwardOptions::default())?.hidden)
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        path: Path,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        Ok(self
+            .forward_with(batch, path, cache, ForwardOptions::default())?
+            .hidden)
     }
 
     /// Forward pass with options.
@@ -382,7 +407,10 @@ impl Model {
         let (b, t) = (batch.b, batch.t);
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let s = past + t;
-        if batch.ids.len() != b * t || batch.positions.len() != b * t || batch.key_mask.len() != b * s {
+        if batch.ids.len() != b * t
+            || batch.positions.len() != b * t
+            || batch.key_mask.len() != b * s
+        {
             return Err(Error::Invalid(format!(
                 "batch shape mismatch: b={b} t={t} past={past}: {} ids, {} positions, {} mask entries",
                 batch.ids.len(),
@@ -491,7 +519,7 @@ impl Model {
 
         // Attention.
         let xn = self.rms_norm(x, &w.attn_norm, path)?.reshape((b * t, d))?;
-        let mut qkv = xn.matmul(&w.wqkv.t()?)?;
+        let mut qkv = frozen_linear(&xn, &w.wqkv)?;
         if let Some(bias) = &w.bqkv {
             qkv = qkv.broadcast_add(bias)?;
         }
@@ -527,17 +555,17 @@ impl Model {
             .reshape((b, h, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, h * hd))?;
-        let o = lo(LoraTarget::O, &attn, attn.matmul(&w.wo.t()?)?)?;
+        let o = lo(LoraTarget::O, &attn, frozen_linear(&attn, &w.wo)?)?;
         let x = (x + o.reshape((b, t, d))?)?;
 
         // MLP (SwiGLU).
         let xn = self.rms_norm(&x, &w.ffn_norm, path)?.reshape((b * t, d))?;
         let ff = c.intermediate_size;
-        let gu = xn.matmul(&w.w_gate_up.t()?)?;
+        let gu = frozen_linear(&xn, &w.w_gate_up)?;
         let gate = lo(LoraTarget::Gate, &xn, gu.narrow(1, 0, ff)?)?;
         let up = lo(LoraTarget::Up, &xn, gu.narrow(1, ff, ff)?)?;
         let act = (gate.silu()? * up)?;
-        let down = lo(LoraTarget::Down, &act, act.matmul(&w.w_down.t()?)?)?;
+        let down = lo(LoraTarget::Down, &act, frozen_linear(&act, &w.w_down)?)?;
         Ok((x + down.reshape((b, t, d))?)?)
     }
 

@@ -27,13 +27,19 @@ pub fn save_trainable(model: &Model, path: &Path, extra: &HashMap<String, String
         md.insert("embed_token_id".into(), e.id.to_string());
     }
     if let Some(l) = &model.lora {
-        md.insert("lora".into(), serde_json::to_string(&l.config).expect("lora config serialises"));
+        md.insert(
+            "lora".into(),
+            serde_json::to_string(&l.config).expect("lora config serialises"),
+        );
     }
     let tensors: Vec<(String, Tensor)> = vars
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
     safetensors::serialize_to_file(tensors, Some(md), tmp.path())
@@ -56,7 +62,10 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
 pub fn load_trainable(model: &mut Model, path: &Path) -> Result<HashMap<String, String>> {
     let md = read_metadata(path)?;
     if md.get("format").map(String::as_str) != Some(FORMAT) {
-        return Err(Error::file(path, format!("not a {FORMAT} file (metadata `format` missing or different)")));
+        return Err(Error::file(
+            path,
+            format!("not a {FORMAT} file (metadata `format` missing or different)"),
+        ));
     }
     let cfg_json = md
         .get("config")
@@ -64,9 +73,21 @@ pub fn load_trainable(model: &mut Model, path: &Path) -> Result<HashMap<String, 
     let cfg: crate::config::ModelConfig = serde_json::from_str(cfg_json)
         .map_err(|e| Error::file(path, format!("metadata `config`: {e}")))?;
     let mine = &model.config;
-    if (cfg.arch, cfg.hidden_size, cfg.num_layers, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads)
-        != (mine.arch, mine.hidden_size, mine.num_layers, mine.intermediate_size, mine.num_heads, mine.num_kv_heads)
-    {
+    if (
+        cfg.arch,
+        cfg.hidden_size,
+        cfg.num_layers,
+        cfg.intermediate_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+    ) != (
+        mine.arch,
+        mine.hidden_size,
+        mine.num_layers,
+        mine.intermediate_size,
+        mine.num_heads,
+        mine.num_kv_heads,
+    ) {
         return Err(Error::file(
             path,
             format!(
@@ -79,34 +100,54 @@ pub fn load_trainable(model: &mut Model, path: &Path) -> Result<HashMap<String, 
         if want != &e.id.to_string() {
             return Err(Error::file(
                 path,
-                format!("made with <|embed_token|> id {want}, this model assigns id {}", e.id),
+                format!(
+                    "made with <|embed_token|> id {want}, this model assigns id {}",
+                    e.id
+                ),
             ));
         }
     }
-    if let Some(l) = md.get("lora") {
-        let lc: LoraConfig = serde_json::from_str(l)
-            .map_err(|e| Error::file(path, format!("metadata `lora`: {e}")))?;
-        model.add_lora(lc, 0)?;
+    // Build the new adapters on a scratch copy and validate every tensor before touching
+    // `model`, so a bad file leaves the model exactly as it was.
+    let mut scratch = model.clone();
+    match md.get("lora") {
+        Some(l) => {
+            let lc: LoraConfig = serde_json::from_str(l)
+                .map_err(|e| Error::file(path, format!("metadata `lora`: {e}")))?;
+            scratch.add_lora(lc, 0)?;
+        }
+        None => scratch.lora = None,
     }
     let tensors = candle_core::safetensors::load(path, model.device())
         .map_err(|e| Error::file(path, format!("reading tensors: {e}")))?;
-    let vars = model.trainable_vars();
+    let vars = scratch.trainable_vars();
+    let mut values = Vec::with_capacity(vars.len());
     for (name, var) in &vars {
         let t = tensors
             .get(name)
             .ok_or_else(|| Error::file(path, format!("missing tensor `{name}`")))?;
         if t.dims() != var.dims() {
-            return Err(Error::Shape {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                expected: var.dims().to_vec(),
-                actual: t.dims().to_vec(),
-            });
+            return Err(Error::file(
+                path,
+                format!(
+                    "tensor `{name}` has shape {:?}, this model expects {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            ));
         }
-        var.set(&t.to_dtype(model.dtype())?)?;
+        values.push(t.to_dtype(model.dtype())?);
     }
     if let Some(extra) = tensors.keys().find(|k| !vars.iter().any(|(n, _)| n == *k)) {
-        return Err(Error::file(path, format!("unexpected tensor `{extra}` (not a trainable tensor of this model)")));
+        return Err(Error::file(
+            path,
+            format!("unexpected tensor `{extra}` (not a trainable tensor of this model)"),
+        ));
     }
+    // The embed-token vars are shared between `scratch` and `model`; LoRA vars are new.
+    for ((_, var), value) in vars.iter().zip(&values) {
+        var.set(value)?;
+    }
+    model.lora = scratch.lora;
     Ok(md)
 }

@@ -6,11 +6,11 @@ use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use std::path::Path;
 use tokenizers::{
+    normalizers::{unicode::NFC, NormalizerWrapper},
     pre_tokenizers::{
         byte_level::ByteLevel, digits::Digits, sequence::Sequence, split::Split,
         split::SplitPattern, PreTokenizerWrapper,
     },
-    normalizers::{unicode::NFC, NormalizerWrapper},
     tokenizer::SplitDelimiterBehavior,
     AddedToken, Tokenizer,
 };
@@ -116,8 +116,12 @@ fn pre_tokenizer_for(pre: &str) -> Result<(Option<NormalizerWrapper>, PreTokeniz
 impl TextTokenizer {
     /// Builds the tokenizer from GGUF metadata (BPE/gpt2-style vocabularies).
     pub fn from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Self> {
-        let mut inner = Tokenizer::from_gguf(ct)
-            .map_err(|e| Error::file(path, format!("cannot build tokenizer from GGUF metadata: {e}")))?;
+        let mut inner = Tokenizer::from_gguf(ct).map_err(|e| {
+            Error::file(
+                path,
+                format!("cannot build tokenizer from GGUF metadata: {e}"),
+            )
+        })?;
         let md_str = |k: &str| ct.metadata.get(k).and_then(|v| v.to_string().ok().cloned());
         let md_u32 = |k: &str| ct.metadata.get(k).and_then(|v| v.to_u32().ok());
         let pre = md_str("tokenizer.ggml.pre").unwrap_or_else(|| "gpt2".into());
@@ -136,7 +140,14 @@ impl TextTokenizer {
             .or(eos_id)
             .unwrap_or(0);
         let chat_template = md_str("tokenizer.chat_template");
-        Ok(Self::finish(inner, bos_token, eos_token, eos_id, pad_id, chat_template))
+        Ok(Self::finish(
+            inner,
+            bos_token,
+            eos_token,
+            eos_id,
+            pad_id,
+            chat_template,
+        ))
     }
 
     /// Loads `tokenizer.json` and the special tokens / chat template of an HF directory.
@@ -192,10 +203,14 @@ impl TextTokenizer {
         let mut t = Self::finish(inner, bos_token, eos_token, eos_id, pad_id, chat_template);
         if let Some(gc) = read_json("generation_config.json")? {
             let ids: Vec<u32> = match gc.get("eos_token_id") {
-                Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32).into_iter().collect(),
-                Some(serde_json::Value::Array(a)) => {
-                    a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect()
+                Some(serde_json::Value::Number(n)) => {
+                    n.as_u64().map(|v| v as u32).into_iter().collect()
                 }
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as u32)
+                    .collect(),
                 _ => vec![],
             };
             for id in ids {
@@ -286,9 +301,19 @@ impl TextTokenizer {
 
     /// Renders messages through the model's own chat template (ChatML when it has none), with
     /// the whitespace rules transformers uses (`trim_blocks`, `lstrip_blocks`).
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let src = self.chat_template.as_deref().unwrap_or(CHATML_TEMPLATE);
-        render_chat_template(src, messages, add_generation_prompt, &self.bos_token, &self.eos_token)
+        render_chat_template(
+            src,
+            messages,
+            add_generation_prompt,
+            &self.bos_token,
+            &self.eos_token,
+        )
     }
 }
 
@@ -308,17 +333,28 @@ pub fn render_chat_template(
         .map_err(|e| Error::Template(e.to_string()))?;
     env.set_syntax(syntax);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
     env.add_function("strftime_now", |fmt: String| -> String {
         // Templates use this for "Today's date"; a fixed, reproducible date keeps embeddings
         // deterministic across days.
-        fmt.replace("%Y", "2026").replace("%m", "01").replace("%d", "01").replace("%B", "January")
+        fmt.replace("%Y", "2026")
+            .replace("%m", "01")
+            .replace("%d", "01")
+            .replace("%B", "January")
     });
     env.add_template_owned("chat", template.to_string())
         .map_err(|e| Error::Template(e.to_string()))?;
-    let tmpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| Error::Template(e.to_string()))?;
     tmpl.render(minijinja::context! {
         messages => messages
             .iter()

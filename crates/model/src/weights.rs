@@ -169,7 +169,8 @@ impl<S: TensorSource> Loader<'_, S> {
             Some(self.req(Part::LmHead, 0, &[c.vocab_size, d])?)
         };
         let norm = self.req(Part::Norm, 0, &[d])?;
-        let mut layers = Vec::with_capacity(c.num_layers);
+        // No pre-reservation: a corrupt layer count fails at the first missing tensor instead.
+        let mut layers = Vec::new();
         for i in 0..c.num_layers {
             let q = self.req(Part::Q, i, &[q_out, d])?;
             let k = self.req(Part::K, i, &[kv_out, d])?;
@@ -277,28 +278,46 @@ pub fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content)> {
     .map_err(|_| Error::file(path, "not a valid GGUF file (header parser panicked)"))?
     .map_err(|e| Error::file(path, format!("not a valid GGUF file: {e}")))?;
     for (name, info) in &content.tensor_infos {
-        let elems = info.shape.elem_count();
+        // Checked arithmetic: a corrupt dimension must not wrap around and pass the check.
+        let dims = info.shape.dims();
+        let elems = dims
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .filter(|&e| e as u64 <= file_len.saturating_mul(8))
+            .ok_or_else(|| Error::file(path, format!("tensor `{name}`: dimensions {dims:?} are impossibly large (corrupt header?)")))?;
         let bs = info.ggml_dtype.block_size();
-        if elems % bs != 0 {
+        if !elems.is_multiple_of(bs) {
             return Err(Error::file(
                 path,
                 format!("tensor `{name}`: {elems} elements is not a multiple of the {:?} block size {bs}", info.ggml_dtype),
             ));
         }
-        let bytes = (elems / bs) as u64 * info.ggml_dtype.type_size() as u64;
-        let end = content.tensor_data_offset + info.offset + bytes;
-        if end > file_len {
-            return Err(Error::file(
-                path,
-                format!("truncated: tensor `{name}` ends at byte {end} but the file has {file_len} bytes"),
-            ));
+        let end = ((elems / bs) as u64)
+            .checked_mul(info.ggml_dtype.type_size() as u64)
+            .and_then(|b| b.checked_add(info.offset))
+            .and_then(|b| b.checked_add(content.tensor_data_offset));
+        match end {
+            Some(end) if end <= file_len => {}
+            Some(end) => {
+                return Err(Error::file(
+                    path,
+                    format!("truncated: tensor `{name}` ends at byte {end} but the file has {file_len} bytes"),
+                ))
+            }
+            None => {
+                return Err(Error::file(path, format!("tensor `{name}`: offset/size overflow (corrupt header?)")))
+            }
         }
     }
     Ok((file, content))
 }
 
 /// Loads the config and weights of a GGUF file, dequantized to `dtype`.
-pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<(ModelConfig, Weights, gguf_file::Content)> {
+pub fn load_gguf(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(ModelConfig, Weights, gguf_file::Content)> {
     let (file, content) = open_gguf(path)?;
     let cfg = ModelConfig::from_gguf(&content, path)?;
     let mut src = GgufSource {
@@ -364,7 +383,10 @@ fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
         files.dedup();
         for f in &files {
             if !f.exists() {
-                return Err(Error::file(f, "shard listed in model.safetensors.index.json is missing"));
+                return Err(Error::file(
+                    f,
+                    "shard listed in model.safetensors.index.json is missing",
+                ));
             }
         }
         return Ok(files);
@@ -376,7 +398,10 @@ fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(Error::file(dir, "no *.safetensors weights in this directory"));
+        return Err(Error::file(
+            dir,
+            "no *.safetensors weights in this directory",
+        ));
     }
     Ok(files)
 }

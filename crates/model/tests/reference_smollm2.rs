@@ -45,9 +45,13 @@ fn left_padding_does_not_change_hidden_states() {
 /// finite, non-zero gradient through the differentiable path, and no base weight receives one.
 #[test]
 fn every_trainable_tensor_gets_a_gradient() {
-    let Some(mut m) = common::real_model(MODEL) else { return };
+    let Some(mut m) = common::real_model(MODEL) else {
+        return;
+    };
     let model = &mut m.model;
-    model.add_lora(search_r3_model::LoraConfig::default(), 7).unwrap();
+    model
+        .add_lora(search_r3_model::LoraConfig::default(), 7)
+        .unwrap();
     for (name, var) in model.trainable_vars() {
         if name.ends_with("lora_b") {
             let t = candle_core::Tensor::randn(0f32, 0.01, var.dims(), var.device()).unwrap();
@@ -57,29 +61,58 @@ fn every_trainable_tensor_gets_a_gradient() {
     let text = "<|im_start|>assistant\nThe embedding is <|embed_token|><|im_end|>";
     let ids = m.tokenizer.encode(text).unwrap();
     let eid = model.embed_token.as_ref().unwrap().id;
-    assert_eq!(ids.iter().filter(|&&i| i == eid).count(), 1, "embed token is one token");
+    assert_eq!(
+        ids.iter().filter(|&&i| i == eid).count(),
+        1,
+        "embed token is one token"
+    );
     let batch = search_r3_model::Batch::left_padded(std::slice::from_ref(&ids), 0).unwrap();
     let h = model.forward(&batch, Path::Diff, None).unwrap();
     let r = candle_core::Tensor::randn(0f32, 1.0, h.dims(), h.device()).unwrap();
     // Hidden-state term (the embedding) plus an LM term that reads the embed-token logit.
     let last = h.narrow(1, ids.len() - 1, 1).unwrap();
-    let logit_embed = model.logits(&last).unwrap().narrow(2, eid as usize, 1).unwrap().sum_all().unwrap();
+    let logit_embed = model
+        .logits(&last)
+        .unwrap()
+        .narrow(2, eid as usize, 1)
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let loss = ((h * r).unwrap().sum_all().unwrap() + logit_embed).unwrap();
     let grads = loss.backward().unwrap();
     let vars = model.trainable_vars();
-    assert_eq!(vars.len(), 1 + 30 * 7 * 2, "tied model: one embed row + 420 LoRA factors");
+    assert_eq!(
+        vars.len(),
+        1 + 30 * 7 * 2,
+        "tied model: one embed row + 420 LoRA factors"
+    );
     for (name, var) in &vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
         let v: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
-        assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{name}: non-finite gradient"
+        );
         assert!(v.iter().any(|&x| x != 0.0), "{name}: all-zero gradient");
     }
     let w = &model.weights;
     let mut base = vec![&w.embed, &w.norm];
     for l in &w.layers {
-        base.extend([&l.attn_norm, &l.wqkv, &l.wo, &l.ffn_norm, &l.w_gate_up, &l.w_down]);
+        base.extend([
+            &l.attn_norm,
+            &l.wqkv,
+            &l.wo,
+            &l.ffn_norm,
+            &l.w_gate_up,
+            &l.w_down,
+        ]);
     }
     for t in base {
-        assert!(grads.get(t).is_none(), "a frozen base weight received a gradient");
+        assert!(
+            grads.get(t).is_none(),
+            "a frozen base weight received a gradient"
+        );
     }
 }

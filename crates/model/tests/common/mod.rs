@@ -25,7 +25,8 @@ pub fn real_model(name: &str) -> Option<LoadedModel> {
     let path = match fetch::cached_path(name) {
         Some(p) => p,
         None if std::env::var_os("CI").is_some() => {
-            fetch::fetch(name, &fetch::FetchOptions::default()).expect("CI must be able to fetch the model")
+            fetch::fetch(name, &fetch::FetchOptions::default())
+                .expect("CI must be able to fetch the model")
         }
         None => {
             eprintln!("SKIP: model `{name}` not fetched (run `search-r3 model fetch {name}`); CI fetches it");
@@ -43,17 +44,28 @@ pub fn real_model(name: &str) -> Option<LoadedModel> {
 /// Max |a-b| over two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// A JSON array of numbers as f32.
 pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 /// A JSON array of ids.
 pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 pub mod reference;

@@ -29,7 +29,10 @@ pub fn check_chat_template_renders_like_transformers(MODEL: &str, FIX: &str) {
         let msgs = [search_r3_model::ChatMessage::new("user", user)];
         let rendered = m.tokenizer.apply_chat_template(&msgs, true).unwrap();
         assert_eq!(rendered, prompt);
-        assert_eq!(m.tokenizer.encode(&rendered).unwrap(), u32s(&case["prompt_ids"]));
+        assert_eq!(
+            m.tokenizer.encode(&rendered).unwrap(),
+            u32s(&case["prompt_ids"])
+        );
     }
 }
 
@@ -39,11 +42,21 @@ pub fn check_forward(MODEL: &str, FIX: &str, TOL: f32, path: Path) {
     let d = m.model.config.hidden_size;
     for (ci, case) in fx["cases"].as_array().unwrap().iter().enumerate() {
         let ids = u32s(&case["ids"]);
-        assert_eq!(m.tokenizer.encode(case["text"].as_str().unwrap()).unwrap(), ids);
+        assert_eq!(
+            m.tokenizer.encode(case["text"].as_str().unwrap()).unwrap(),
+            ids
+        );
         let batch = Batch::left_padded(std::slice::from_ref(&ids), m.tokenizer.pad_id).unwrap();
         let out = m
             .model
-            .forward_with(&batch, path, None, ForwardOptions { capture_layers: true })
+            .forward_with(
+                &batch,
+                path,
+                None,
+                ForwardOptions {
+                    capture_layers: true,
+                },
+            )
             .unwrap();
         let hidden: Vec<Vec<f32>> = out.hidden.squeeze(0).unwrap().to_vec2().unwrap();
         let want = case["last_hidden_state"].as_array().unwrap();
@@ -59,13 +72,23 @@ pub fn check_forward(MODEL: &str, FIX: &str, TOL: f32, path: Path) {
         assert!(dl <= TOL, "case {ci} {path:?}: block-0 max |Δ| = {dl}");
         // Top-10 logits over the base vocabulary (the reference has no embed token).
         let last = out.hidden.squeeze(0).unwrap().get(ids.len() - 1).unwrap();
-        let logits: Vec<f32> = m.model.logits(&last.reshape((1, d)).unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let logits: Vec<f32> = m
+            .model
+            .logits(&last.reshape((1, d)).unwrap())
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let logits = &logits[..m.model.config.vocab_size];
         let want_ids = u32s(&case["last_logits_top10"]);
         let want_vals = f32s(&case["last_logits_top10_values"]);
         for (k, (&id, &v)) in want_ids.iter().zip(&want_vals).enumerate() {
             let got = logits[id as usize];
-            assert!((got - v).abs() <= 2.5 * TOL, "case {ci}: logit of top-{k} id {id}: {got} vs {v}");
+            assert!(
+                (got - v).abs() <= 2.5 * TOL,
+                "case {ci}: logit of top-{k} id {id}: {got} vs {v}"
+            );
         }
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
@@ -73,8 +96,14 @@ pub fn check_forward(MODEL: &str, FIX: &str, TOL: f32, path: Path) {
             let got = order[k] as u32;
             // Equal order, except where the reference values are themselves within tolerance.
             if got != want_ids[k] {
-                let j = want_ids.iter().position(|&x| x == got).expect("top-10 sets differ");
-                assert!((want_vals[j] - want_vals[k]).abs() <= 2.5 * TOL, "case {ci}: top-10 order differs at {k}");
+                let j = want_ids
+                    .iter()
+                    .position(|&x| x == got)
+                    .expect("top-10 sets differ");
+                assert!(
+                    (want_vals[j] - want_vals[k]).abs() <= 2.5 * TOL,
+                    "case {ci}: top-10 order differs at {k}"
+                );
             }
         }
     }
@@ -96,7 +125,11 @@ pub fn check_greedy_generation_matches_reference(MODEL: &str, FIX: &str) {
         let single = generate(&m.model, &m.tokenizer, &prompts[i..i + 1], &cfg).unwrap();
         assert_eq!(single[0].tokens, want, "case {i} alone");
         assert_eq!(batched[i].tokens, want, "case {i} in batch");
-        let expect_stop = if want.len() < 24 { StopReason::Eos } else { StopReason::Budget };
+        let expect_stop = if want.len() < 24 {
+            StopReason::Eos
+        } else {
+            StopReason::Budget
+        };
         assert_eq!(single[0].stop, expect_stop);
         assert_eq!(single[0].text, c["greedy_text"].as_str().unwrap());
     }
@@ -109,21 +142,35 @@ pub fn check_left_padding_does_not_change_hidden_states(MODEL: &str, TOL: f32) {
         "Earth's axial tilt of about 23.4 degrees causes seasons as the planet orbits the Sun.",
         "def f(x):\n    return x**2",
     ];
-    let seqs: Vec<Vec<u32>> = texts.iter().map(|t| m.tokenizer.encode(t).unwrap()).collect();
+    let seqs: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| m.tokenizer.encode(t).unwrap())
+        .collect();
     for path in [Path::Fast, Path::Diff] {
         let batch = Batch::left_padded(&seqs, m.tokenizer.pad_id).unwrap();
         let all = m.model.forward(&batch, path, None).unwrap();
         for (i, s) in seqs.iter().enumerate() {
             let alone = m
                 .model
-                .forward(&Batch::left_padded(std::slice::from_ref(s), 0).unwrap(), path, None)
+                .forward(
+                    &Batch::left_padded(std::slice::from_ref(s), 0).unwrap(),
+                    path,
+                    None,
+                )
                 .unwrap()
                 .squeeze(0)
                 .unwrap();
             let row = all.get(i).unwrap();
             let pad = batch.t - s.len();
             let row = row.narrow(0, pad, s.len()).unwrap();
-            let diff = (row - alone).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (row - alone)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(diff <= TOL, "{path:?} row {i}: max |Δ| = {diff}");
         }
     }

@@ -1,0 +1,143 @@
+//! `search-r3 bench model`: throughput of the runtime on the shapes the rest of the system
+//! uses (document prefill, batched reasoning generation, LoRA training steps) and peak memory.
+//! `bench/compare.sh` runs it beside PyTorch/transformers on the same GGUF in one go.
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use search_r3_model::{
+    generate, load_model, Batch, GenerationConfig, LoadOptions, LoraConfig, Path,
+};
+use std::time::Instant;
+
+/// Options of `bench model`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Model to measure.
+    #[arg(long, short, default_value = "smollm2")]
+    model: String,
+    /// Timed repeats of the prefill shapes (median reported); generation and LoRA use half.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Comma list of: prefill, gen, lora.
+    #[arg(long, default_value = "prefill,gen,lora")]
+    only: String,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `f` once to warm up, then `n` times; returns the median seconds.
+fn timed(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut ts = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        f()?;
+        ts.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median(ts))
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in MiB.
+fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Random ids avoiding the first special ids, like bench/torch_bench.py.
+fn random_ids(rng: &mut impl Rng, b: usize, t: usize, vocab: usize) -> Vec<Vec<u32>> {
+    (0..b)
+        .map(|_| (0..t).map(|_| rng.random_range(17..vocab as u32)).collect())
+        .collect()
+}
+
+/// Runs the benchmark and prints a table (and JSON when asked).
+pub fn run(a: &BenchArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let mut m = load_model(&a.model, &LoadOptions::default()).context("loading model")?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let vocab = m.model.config.vocab_size;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let only: Vec<&str> = a.only.split(',').map(str::trim).collect();
+    let long = (a.repeats / 2).max(3);
+    let mut res = serde_json::Map::new();
+    let mut put = |k: &str, v: f64| {
+        eprintln!("{k:<28} {v:>10.1}");
+        res.insert(k.to_string(), serde_json::json!((v * 10.0).round() / 10.0));
+    };
+
+    if only.contains(&"prefill") {
+        for (name, b, t) in [
+            ("prefill_1x142_tok_s", 1, 142),
+            ("prefill_8x128_tok_s", 8, 128),
+        ] {
+            let batch = Batch::left_padded(&random_ids(&mut rng, b, t, vocab), 0)?;
+            let s = timed(a.repeats, || {
+                m.model.forward(&batch, Path::Fast, None)?;
+                Ok(())
+            })?;
+            put(name, (b * t) as f64 / s);
+        }
+    }
+    if only.contains(&"gen") {
+        let new = 64;
+        let cfg = GenerationConfig {
+            max_new_tokens: new,
+            stop_at_eos: false,
+            stop_at_embed_token: false,
+            ..Default::default()
+        };
+        for (name, b) in [("gen_b1_tok_s", 1), ("gen_b16_tok_s", 16)] {
+            let prompts = random_ids(&mut rng, b, 40, vocab);
+            let s = timed(long, || {
+                let g = generate(&m.model, &m.tokenizer, &prompts, &cfg)?;
+                anyhow::ensure!(g.iter().all(|g| g.tokens.len() == new), "short generation");
+                Ok(())
+            })?;
+            put(name, (b * new) as f64 / s);
+        }
+    }
+    if only.contains(&"lora") {
+        m.model.add_lora(LoraConfig::default(), 0)?;
+        let (b, t) = (4, 128);
+        let batch = Batch::left_padded(&random_ids(&mut rng, b, t, vocab), 0)?;
+        let d = m.model.config.hidden_size;
+        let r = Tensor::randn(0f32, 1.0, (b, t, d), m.model.device())?;
+        let s = timed(long, || {
+            let h = m.model.forward(&batch, Path::Diff, None)?;
+            let loss = (h * &r)?.sum_all()?;
+            let grads = loss.backward()?;
+            anyhow::ensure!(grads.get_ids().next().is_some(), "no gradients");
+            Ok(())
+        })?;
+        put("fwd_bwd_lora_4x128_tok_s", (b * t) as f64 / s);
+    }
+    if let Some(p) = peak_rss_mb() {
+        put("peak_rss_mb", p);
+    }
+    res.insert("load_s".into(), serde_json::json!(load_s));
+    res.insert("model".into(), serde_json::json!(m.id));
+    res.insert(
+        "threads".into(),
+        serde_json::json!(candle_core::utils::get_num_threads()),
+    );
+    res.insert(
+        "cpu".into(),
+        serde_json::json!(search_r3_model::cpu_features()),
+    );
+    let json = serde_json::Value::Object(res);
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
