@@ -108,6 +108,7 @@ struct GenerateArgs {
 }
 
 fn main() {
+    search_r3_model::init_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -1,6 +1,7 @@
 //! Profiling aid: runs the fast-path prefill (1×142) in a loop so `perf record` sees it.
 //! `cargo run --release -p search-r3-model --example prefill_profile -- MODEL.gguf [iters]`
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    search_r3_model::init_threads();
     let args: Vec<String> = std::env::args().collect();
     let path = std::path::PathBuf::from(&args[1]);
     let iters: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(20);

@@ -24,13 +24,34 @@ pub use lora::{LoraConfig, LoraTarget};
 pub use model::{Batch, ForwardOptions, KvCache, Model, Path};
 pub use tokenizer::{ChatMessage, TextTokenizer, EMBED_TOKEN};
 
-/// Turns on candle's AVX-512 matmul kernels when the CPU has them (chosen at run time, so the
-/// binary still runs elsewhere). Linking `gemm` with `x86-v4` is what enables them; this
-/// function exists so the dependency is visibly used.
+/// SIMD features the matmul kernels can use (candle's gemm picks AVX-512 at run time because
+/// this crate links `gemm` with `x86-v4`).
 pub fn cpu_features() -> String {
-    format!(
-        "avx512f={} avx2={}",
-        std::is_x86_feature_detected!("avx512f"),
-        std::is_x86_feature_detected!("avx2")
-    )
+    #[cfg(target_arch = "x86_64")]
+    {
+        format!(
+            "avx512f={} avx2={}",
+            std::is_x86_feature_detected!("avx512f"),
+            std::is_x86_feature_detected!("avx2")
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.to_string()
+    }
+}
+
+/// Process-wide threading defaults; call first thing in `main`, before any tensor op.
+///
+/// candle runs matmuls on rayon's pool and elementwise ops on a separate spin-waiting barrier
+/// pool. With both active, the spinning workers compete with the gemm threads for the same
+/// cores; on the 2-core reference machine that cost 25% of prefill throughput
+/// (`search-r3 bench model`: 1×142 prefill 1007 vs 753 tok/s). Unless the user set
+/// `CANDLE_NUM_THREADS`, elementwise ops therefore stay on the calling thread (they are
+/// memory-bound and small next to the matmuls); matmuls still use every core.
+pub fn init_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Called before any other thread exists (documented contract), so this is sound.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
 }

@@ -365,7 +365,7 @@ impl Model {
         let d = *dims.last().expect("hidden has a feature dim");
         let h = hidden.reshape(((), d))?;
         let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
-        let mut logits = frozen_linear(&h, head)?;
+        let mut logits = frozen_linear(&h, &head.t()?)?;
         if let Some(e) = &self.embed_token {
             let row = e.head_row.as_ref().unwrap_or(&e.row).as_tensor();
             let col = h.matmul(&row.t()?)?; // [n, 1]
@@ -519,7 +519,7 @@ impl Model {
 
         // Attention.
         let xn = self.rms_norm(x, &w.attn_norm, path)?.reshape((b * t, d))?;
-        let mut qkv = frozen_linear(&xn, &w.wqkv)?;
+        let mut qkv = frozen_linear(&xn, &w.wqkv_t)?;
         if let Some(bias) = &w.bqkv {
             qkv = qkv.broadcast_add(bias)?;
         }
@@ -555,17 +555,17 @@ impl Model {
             .reshape((b, h, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, h * hd))?;
-        let o = lo(LoraTarget::O, &attn, frozen_linear(&attn, &w.wo)?)?;
+        let o = lo(LoraTarget::O, &attn, frozen_linear(&attn, &w.wo_t)?)?;
         let x = (x + o.reshape((b, t, d))?)?;
 
         // MLP (SwiGLU).
         let xn = self.rms_norm(&x, &w.ffn_norm, path)?.reshape((b * t, d))?;
         let ff = c.intermediate_size;
-        let gu = frozen_linear(&xn, &w.w_gate_up)?;
+        let gu = frozen_linear(&xn, &w.w_gate_up_t)?;
         let gate = lo(LoraTarget::Gate, &xn, gu.narrow(1, 0, ff)?)?;
         let up = lo(LoraTarget::Up, &xn, gu.narrow(1, ff, ff)?)?;
         let act = (gate.silu()? * up)?;
-        let down = lo(LoraTarget::Down, &act, frozen_linear(&act, &w.w_down)?)?;
+        let down = lo(LoraTarget::Down, &act, frozen_linear(&act, &w.w_down_t)?)?;
         Ok((x + down.reshape((b, t, d))?)?)
     }
 

@@ -3,22 +3,23 @@
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-/// `x · wᵀ` for a frozen weight `w` of shape `[out, in]` and `x` of shape `[n, in]`.
+/// `x · w_t` for a frozen, pre-transposed weight `w_t` of shape `[in, out]` and `x` of shape
+/// `[n, in]`.
 ///
 /// candle's matmul backward always computes both operand gradients, so every frozen weight
 /// would get a full-size gradient (the whole model's worth of memory and a third of the
 /// backward FLOPs) that is then thrown away. When `x` is part of an autograd graph this op
-/// records a backward that returns only `∂L/∂x = g · w`.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// records a backward that returns only `∂L/∂x = g · w_tᵀ`.
+pub fn frozen_linear(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
     if !x.track_op() || !x.device().is_cpu() {
-        return Ok(x.matmul(&w.t()?)?);
+        return Ok(x.matmul(w_t)?);
     }
     let x = x.contiguous()?;
-    Ok(x.apply_op1(FrozenLinear { w: w.clone() })?)
+    Ok(x.apply_op1(FrozenLinear { w_t: w_t.clone() })?)
 }
 
 struct FrozenLinear {
-    w: Tensor,
+    w_t: Tensor,
 }
 
 fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
@@ -44,7 +45,7 @@ impl CustomOp1 for FrozenLinear {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_tensor(storage, layout)?;
         // Neither operand tracks gradients here, so this matmul records nothing.
-        let y = x.matmul(&self.w.t()?)?;
+        let y = x.matmul(&self.w_t)?;
         let shape = y.shape().clone();
         let flat = y.flatten_all()?;
         let out = match y.dtype() {
@@ -61,7 +62,7 @@ impl CustomOp1 for FrozenLinear {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.w)?))
+        Ok(Some(grad_res.matmul(&self.w_t.t()?)?))
     }
 }
 
@@ -76,7 +77,7 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3), &dev).unwrap()).unwrap();
         let g = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
-        let y1 = frozen_linear(x.as_tensor(), &w).unwrap();
+        let y1 = frozen_linear(x.as_tensor(), &w.t().unwrap()).unwrap();
         let y2 = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
         let d = (&y1 - &y2)
             .unwrap()

@@ -10,27 +10,29 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// One transformer block's frozen weights, in PyTorch `[out, in]` layout.
+/// One transformer block's frozen weights. Projections are stored transposed (`[in, out]`,
+/// contiguous): candle's gemm then streams the weight without a strided repack, which measured
+/// up to 1.8× faster for the down projection at prefill shapes.
 #[derive(Debug, Clone)]
 pub struct LayerWeights {
     /// RMSNorm before attention, `[d]`.
     pub attn_norm: Tensor,
-    /// Fused q|k|v projection, `[(h + 2·kv)·hd, d]`, rotate-half (HF) convention for RoPE.
-    pub wqkv: Tensor,
+    /// Fused q|k|v projection, transposed: `[d, (h + 2·kv)·hd]` (rotate-half RoPE convention).
+    pub wqkv_t: Tensor,
     /// Fused q|k|v bias (Qwen2).
     pub bqkv: Option<Tensor>,
     /// Per-head query norm `[hd]` (Qwen3).
     pub q_norm: Option<Tensor>,
     /// Per-head key norm `[hd]` (Qwen3).
     pub k_norm: Option<Tensor>,
-    /// Attention output projection `[d, h·hd]`.
-    pub wo: Tensor,
+    /// Attention output projection, transposed: `[h·hd, d]`.
+    pub wo_t: Tensor,
     /// RMSNorm before the MLP, `[d]`.
     pub ffn_norm: Tensor,
-    /// Fused gate|up projection `[2·ff, d]`.
-    pub w_gate_up: Tensor,
-    /// Down projection `[d, ff]`.
-    pub w_down: Tensor,
+    /// Fused gate|up projection, transposed: `[d, 2·ff]`.
+    pub w_gate_up_t: Tensor,
+    /// Down projection, transposed: `[ff, d]`.
+    pub w_down_t: Tensor,
 }
 
 /// All frozen weights of a decoder.
@@ -195,14 +197,14 @@ impl<S: TensorSource> Loader<'_, S> {
             let up = self.req(Part::Up, i, &[c.intermediate_size, d])?;
             layers.push(LayerWeights {
                 attn_norm: self.req(Part::AttnNorm, i, &[d])?,
-                wqkv: Tensor::cat(&[q, k, v], 0)?,
+                wqkv_t: transpose(&Tensor::cat(&[q, k, v], 0)?)?,
                 bqkv,
                 q_norm,
                 k_norm,
-                wo: self.req(Part::O, i, &[d, q_out])?,
+                wo_t: transpose(&self.req(Part::O, i, &[d, q_out])?)?,
                 ffn_norm: self.req(Part::FfnNorm, i, &[d])?,
-                w_gate_up: Tensor::cat(&[gate, up], 0)?,
-                w_down: self.req(Part::Down, i, &[d, c.intermediate_size])?,
+                w_gate_up_t: transpose(&Tensor::cat(&[gate, up], 0)?)?,
+                w_down_t: transpose(&self.req(Part::Down, i, &[d, c.intermediate_size])?)?,
             });
         }
         Ok(Weights {
@@ -212,6 +214,10 @@ impl<S: TensorSource> Loader<'_, S> {
             lm_head,
         })
     }
+}
+
+fn transpose(t: &Tensor) -> Result<Tensor> {
+    Ok(t.t()?.contiguous()?)
 }
 
 /// Undoes llama.cpp's q/k row permutation so that GGUF llama weights use the same
@@ -473,14 +479,14 @@ impl Weights {
                 .map(|l| {
                     Ok(LayerWeights {
                         attn_norm: c(&l.attn_norm)?,
-                        wqkv: c(&l.wqkv)?,
+                        wqkv_t: c(&l.wqkv_t)?,
                         bqkv: o(&l.bqkv)?,
                         q_norm: o(&l.q_norm)?,
                         k_norm: o(&l.k_norm)?,
-                        wo: c(&l.wo)?,
+                        wo_t: c(&l.wo_t)?,
                         ffn_norm: c(&l.ffn_norm)?,
-                        w_gate_up: c(&l.w_gate_up)?,
-                        w_down: c(&l.w_down)?,
+                        w_gate_up_t: c(&l.w_gate_up_t)?,
+                        w_down_t: c(&l.w_down_t)?,
                     })
                 })
                 .collect::<Result<_>>()?,

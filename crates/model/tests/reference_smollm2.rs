@@ -102,11 +102,11 @@ fn every_trainable_tensor_gets_a_gradient() {
     for l in &w.layers {
         base.extend([
             &l.attn_norm,
-            &l.wqkv,
-            &l.wo,
+            &l.wqkv_t,
+            &l.wo_t,
             &l.ffn_norm,
-            &l.w_gate_up,
-            &l.w_down,
+            &l.w_gate_up_t,
+            &l.w_down_t,
         ]);
     }
     for t in base {

@@ -733,11 +733,11 @@ fn base_tensors(model: &Model) -> Vec<(String, Tensor)> {
     }
     for (i, l) in w.layers.iter().enumerate() {
         out.push((format!("{i}.attn_norm"), l.attn_norm.clone()));
-        out.push((format!("{i}.wqkv"), l.wqkv.clone()));
-        out.push((format!("{i}.wo"), l.wo.clone()));
+        out.push((format!("{i}.wqkv_t"), l.wqkv_t.clone()));
+        out.push((format!("{i}.wo_t"), l.wo_t.clone()));
         out.push((format!("{i}.ffn_norm"), l.ffn_norm.clone()));
-        out.push((format!("{i}.w_gate_up"), l.w_gate_up.clone()));
-        out.push((format!("{i}.w_down"), l.w_down.clone()));
+        out.push((format!("{i}.w_gate_up_t"), l.w_gate_up_t.clone()));
+        out.push((format!("{i}.w_down_t"), l.w_down_t.clone()));
         for (n, t) in [
             ("bqkv", &l.bqkv),
             ("q_norm", &l.q_norm),
@@ -806,7 +806,14 @@ fn gguf_llama_config_and_unpermutation_match_hf() {
     assert_eq!(&hc, c);
 
     // The loaded q rows are the HF (unpermuted) rows.
-    let wqkv = flat(&g.model.weights.layers[0].wqkv);
+    let wqkv = flat(
+        &g.model.weights.layers[0]
+            .wqkv_t
+            .t()
+            .unwrap()
+            .contiguous()
+            .unwrap(),
+    );
     let q_hf = &w["model.layers.0.self_attn.q_proj.weight"].1;
     assert_eq!(
         &wqkv[..q_hf.len()],
@@ -904,7 +911,14 @@ fn qwen2_biases_and_untied_head() {
     // qwen2 q/k are stored unpermuted in GGUF and must be loaded as is.
     let q_hf = &w["model.layers.1.self_attn.q_proj.weight"].1;
     assert_eq!(
-        &flat(&g.model.weights.layers[1].wqkv)[..q_hf.len()],
+        &flat(
+            &g.model.weights.layers[1]
+                .wqkv_t
+                .t()
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        )[..q_hf.len()],
         q_hf.as_slice()
     );
 
@@ -970,8 +984,8 @@ fn qwen3_gguf_matches_hf() {
         assert_eq!(m.config.arch, search_r3_model::Arch::Qwen3);
         assert!(m.config.qk_norm && !m.config.qkv_bias);
         assert_eq!(m.config.head_dim, 8);
-        assert_eq!(m.weights.layers[0].wqkv.dims(), &[(4 + 2 * 2) * 8, 16]);
-        assert_eq!(m.weights.layers[0].wo.dims(), &[16, 32]);
+        assert_eq!(m.weights.layers[0].wqkv_t.dims(), &[16, (4 + 2 * 2) * 8]);
+        assert_eq!(m.weights.layers[0].wo_t.dims(), &[32, 16]);
     }
     let s = seqs();
     let a = hidden(&g.model, &s, Path::Fast);
