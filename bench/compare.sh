@@ -18,7 +18,7 @@ python3 - "$OUT/ours.json" "$OUT/torch.json" <<'PY'
 import json, sys
 ours, ref = (json.load(open(p)) for p in sys.argv[1:3])
 keys = ["prefill_1x142_tok_s", "prefill_8x128_tok_s", "gen_b1_tok_s", "gen_b16_tok_s",
-        "fwd_bwd_lora_4x128_tok_s", "peak_rss_mb"]
+        "fwd_bwd_lora_4x128_tok_s", "peak_rss_inference_mb", "peak_rss_mb"]
 print(f"| metric | search-r3 | PyTorch {ref.get('torch_version','')} | ratio |")
 print("|---|---:|---:|---:|")
 for k in keys:

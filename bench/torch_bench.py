@@ -14,6 +14,7 @@ Measures (median over repeats, after warmup):
   gen_b16_tok_s            the same at batch 16 (16*64 new tokens per run)
   fwd_bwd_lora_4x128_tok_s peft LoRA (r=16, alpha=32, q,k,v,o,gate,up,down), forward + backward of
                            loss = sum(last_hidden_state * fixed random tensor), 4x128 tokens
+  peak_rss_inference_mb    ru_maxrss after the prefill and generation phases (MiB)
   peak_rss_mb              ru_maxrss of this process at the end (MiB)
 
 Prints one JSON object on stdout; progress goes to stderr.
@@ -157,6 +158,9 @@ def main():
             res[name] = round(b * new / med, 1)
             extra["raw_s"][name] = [round(v, 4) for v in ts]
             log(f"{name}: {res[name]} new tok/s  (median {med:.3f}s)")
+
+    # inference and training peaks separately (the autograd graph dominates the latter)
+    res["peak_rss_inference_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
     if "lora" in only:
         from peft import LoraConfig, get_peft_model

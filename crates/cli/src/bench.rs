@@ -105,6 +105,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             put(name, (b * new) as f64 / s);
         }
     }
+    // Inference and training peaks separately: the autograd graph dominates the latter.
+    if let Some(p) = peak_rss_mb() {
+        put("peak_rss_inference_mb", p);
+    }
     if only.contains(&"lora") {
         m.model.add_lora(LoraConfig::default(), 0)?;
         let (b, t) = (4, 128);
