@@ -116,3 +116,66 @@ fn every_trainable_tensor_gets_a_gradient() {
         );
     }
 }
+
+/// `return_hidden` gives the final-norm hidden state at the stop token, equal to a plain forward
+/// over prompt + output; a model that writes `<|embed_token|>` stops there with that reason.
+#[test]
+fn generation_returns_the_hidden_state_at_the_stop_token() {
+    let Some(m) = common::real_model(MODEL) else {
+        return;
+    };
+    let tok = &m.tokenizer;
+    let prompts: Vec<Vec<u32>> = ["Name a colour.", "What is 2+2? Answer briefly, please."]
+        .iter()
+        .map(|q| {
+            let msgs = [search_r3_model::ChatMessage::new("user", q)];
+            tok.encode(&tok.apply_chat_template(&msgs, true).unwrap())
+                .unwrap()
+        })
+        .collect();
+    let cfg = search_r3_model::GenerationConfig {
+        max_new_tokens: 6,
+        return_hidden: true,
+        ..Default::default()
+    };
+    let check = |gens: &[search_r3_model::Generation]| {
+        for (p, g) in prompts.iter().zip(gens) {
+            let mut full = p.clone();
+            full.extend(&g.tokens);
+            let b = search_r3_model::Batch::left_padded(&[full.clone()], 0).unwrap();
+            let h = m.model.forward(&b, Path::Fast, None).unwrap();
+            let want = h.get(0).unwrap().get(full.len() - 1).unwrap();
+            let got = g.hidden.as_ref().expect("hidden requested");
+            let d = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d <= 1e-4, "hidden at stop differs by {d}");
+        }
+    };
+    let gens = search_r3_model::generate(&m.model, tok, &prompts, &cfg).unwrap();
+    assert!(gens.iter().all(|g| g.logprobs.len() == g.tokens.len()));
+    check(&gens);
+
+    // Point the embed-token row along the first prompt's last hidden state so that its logit
+    // dominates: generation must stop at once with StopReason::EmbedToken.
+    let e = m.model.embed_token.as_ref().unwrap();
+    let b = search_r3_model::Batch::left_padded(&prompts[..1], 0).unwrap();
+    let h = m.model.forward(&b, Path::Fast, None).unwrap();
+    let last = h.get(0).unwrap().get(prompts[0].len() - 1).unwrap();
+    let n2 = last.sqr().unwrap().sum_all().unwrap();
+    let row = (last.broadcast_div(&n2).unwrap() * 1000.0)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    e.row.set(&row).unwrap();
+    let gens = search_r3_model::generate(&m.model, tok, &prompts[..1], &cfg).unwrap();
+    assert_eq!(gens[0].tokens, vec![e.id]);
+    assert_eq!(gens[0].stop, search_r3_model::StopReason::EmbedToken);
+    assert!(gens[0].text.ends_with(search_r3_model::EMBED_TOKEN));
+    check(&gens);
+}
