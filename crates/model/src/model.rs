@@ -58,50 +58,45 @@ impl Batch {
     /// token is at the same index). Positions count real tokens only, as transformers derives
     /// them from the attention mask, so padding changes nothing for a row.
     pub fn left_padded(seqs: &[Vec<u32>], pad_id: u32) -> Result<Batch> {
-        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        if seqs.is_empty() || t == 0 {
-            return Err(Error::Invalid("empty batch or empty sequence".into()));
-        }
-        let mut ids = Vec::with_capacity(seqs.len() * t);
-        let mut positions = Vec::with_capacity(seqs.len() * t);
-        let mut key_mask = Vec::with_capacity(seqs.len() * t);
-        for s in seqs {
-            if s.is_empty() {
-                return Err(Error::Invalid("empty sequence in batch".into()));
-            }
-            let pad = t - s.len();
-            ids.extend(std::iter::repeat_n(pad_id, pad).chain(s.iter().copied()));
-            positions.extend(std::iter::repeat_n(0, pad).chain(0..s.len() as u32));
-            key_mask
-                .extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, s.len())));
-        }
-        Ok(Batch {
-            b: seqs.len(),
-            t,
-            ids,
-            positions,
-            key_mask,
-        })
+        Self::padded(seqs, pad_id, true)
     }
 
     /// Right-pads sequences (training layout: row `i`'s token `j` stays at index `j`).
     pub fn right_padded(seqs: &[Vec<u32>], pad_id: u32) -> Result<Batch> {
+        Self::padded(seqs, pad_id, false)
+    }
+
+    fn padded(seqs: &[Vec<u32>], pad_id: u32, left: bool) -> Result<Batch> {
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        if seqs.is_empty() || t == 0 {
+        if seqs.is_empty() || seqs.iter().any(Vec::is_empty) {
             return Err(Error::Invalid("empty batch or empty sequence".into()));
         }
-        let mut ids = Vec::with_capacity(seqs.len() * t);
-        let mut key_mask = Vec::with_capacity(seqs.len() * t);
+        let n = seqs.len() * t;
+        let (mut ids, mut positions, mut key_mask) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for s in seqs {
-            if s.is_empty() {
-                return Err(Error::Invalid("empty sequence in batch".into()));
-            }
             let pad = t - s.len();
-            ids.extend(s.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
-            key_mask
-                .extend(std::iter::repeat_n(true, s.len()).chain(std::iter::repeat_n(false, pad)));
+            let (before, after) = if left { (pad, 0) } else { (0, pad) };
+            ids.extend(
+                std::iter::repeat_n(pad_id, before)
+                    .chain(s.iter().copied())
+                    .chain(std::iter::repeat_n(pad_id, after)),
+            );
+            key_mask.extend(
+                std::iter::repeat_n(false, before)
+                    .chain(std::iter::repeat_n(true, s.len()))
+                    .chain(std::iter::repeat_n(false, after)),
+            );
+            // Padding slots get position 0; they are masked out as keys either way.
+            positions.extend(
+                std::iter::repeat_n(0, before)
+                    .chain(0..s.len() as u32)
+                    .chain(std::iter::repeat_n(0, after)),
+            );
         }
-        let positions = (0..seqs.len()).flat_map(|_| 0..t as u32).collect();
         Ok(Batch {
             b: seqs.len(),
             t,
