@@ -90,3 +90,23 @@ pub fn load_path(path: &Path, format: ModelFormat, opts: &LoadOptions) -> Result
         id,
     })
 }
+
+/// For test suites that need a real model: returns the known model `name`, fetching it when
+/// `CI` is set (where it must succeed), or `None` with a `SKIP` note on stderr when it is not
+/// cached locally — tests then return early instead of failing on a machine without it.
+pub fn known_model_for_tests(name: &str) -> Option<LoadedModel> {
+    let known = fetch::known_models().iter().find(|k| k.name == name)?;
+    let path = match fetch::cached_path(name) {
+        Some(p) => p,
+        None if std::env::var_os("CI").is_some() => fetch::fetch(name, &FetchOptions::default())
+            .unwrap_or_else(|e| panic!("CI must be able to fetch `{name}`: {e}")),
+        None => {
+            eprintln!("SKIP: model `{name}` not fetched (run `search-r3 model fetch {name}`); CI fetches it");
+            return None;
+        }
+    };
+    let mut m = load_path(&path, known.format(), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("loading `{name}`: {e}"));
+    m.id = name.to_string();
+    Some(m)
+}

@@ -1,7 +1,7 @@
 //! Shared helpers for tests that need the real models and the reference fixtures.
 #![allow(dead_code)]
 
-use search_r3_model::{fetch, load::load_path, LoadOptions, LoadedModel};
+use search_r3_model::LoadedModel;
 use std::path::PathBuf;
 
 /// `../shared` beside the repository (override with `SEARCH_R3_SHARED`).
@@ -19,26 +19,9 @@ pub fn fixture(rel: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// Loads a known model. In CI (`CI` set) it is fetched if missing and must load; locally a
-/// missing model skips the test (returns `None`) with a note.
+/// Loads a known model (fetched in CI, skipped locally when absent).
 pub fn real_model(name: &str) -> Option<LoadedModel> {
-    let path = match fetch::cached_path(name) {
-        Some(p) => p,
-        None if std::env::var_os("CI").is_some() => {
-            fetch::fetch(name, &fetch::FetchOptions::default())
-                .expect("CI must be able to fetch the model")
-        }
-        None => {
-            eprintln!("SKIP: model `{name}` not fetched (run `search-r3 model fetch {name}`); CI fetches it");
-            return None;
-        }
-    };
-    let format = fetch::known_models()
-        .iter()
-        .find(|k| k.name == name)
-        .unwrap()
-        .format();
-    Some(load_path(&path, format, &LoadOptions::default()).expect("load real model"))
+    search_r3_model::load::known_model_for_tests(name)
 }
 
 /// Max |a-b| over two equally long slices.

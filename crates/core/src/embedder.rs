@@ -1,0 +1,300 @@
+//! The Search-R3 embedder: a text's embedding is the final-norm hidden state at
+//! `<|embed_token|>`, L2-normalised (brief §1). Documents are embedded directly; queries either
+//! directly or after the model writes a bounded analysis (`reason` mode).
+
+use crate::templates::{prompt_parts, PromptParts, TemplateError, Templates};
+use search_r3_model::{generate, Batch, GenerationConfig, LoadedModel, Path, StopReason};
+use std::time::Instant;
+
+/// Errors from embedding.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    /// Template problem.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// Runtime problem.
+    #[error(transparent)]
+    Model(#[from] search_r3_model::Error),
+    /// Tensor problem.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The model has no `<|embed_token|>`.
+    #[error("the model was loaded without <|embed_token|>")]
+    NoEmbedToken,
+}
+
+/// How a query is embedded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueryMode {
+    /// No reasoning: the assistant turn is written for the model.
+    Direct,
+    /// The model analyses the query first, then emits the embed token.
+    Reason,
+}
+
+/// A query embedding and how it came about.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueryEmbedding {
+    /// Unit-norm embedding.
+    pub vector: Vec<f32>,
+    /// The model's analysis (reason mode).
+    pub reasoning: Option<String>,
+    /// True when the embed token had to be appended because the model did not write it.
+    pub forced: bool,
+    /// Tokens generated (reason mode).
+    pub generated_tokens: usize,
+    /// Seconds spent generating the analysis.
+    pub generation_s: f64,
+    /// Seconds spent on the embedding forward pass (0 when the generation's own hidden state
+    /// at the embed token was used).
+    pub embedding_s: f64,
+}
+
+/// Token ids of one document prompt.
+#[derive(Debug, Clone)]
+pub struct DocPrompt {
+    /// Prompt ids, ending with `<|embed_token|>`.
+    pub ids: Vec<u32>,
+    /// Whether the document text was cut to fit the limit.
+    pub truncated: bool,
+}
+
+/// Embeds documents and queries with one model and one template set.
+pub struct Embedder {
+    /// The model and tokenizer.
+    pub model: LoadedModel,
+    /// The prompts in use.
+    pub templates: Templates,
+    /// Documents longer than this many text tokens are truncated (counted and reported).
+    pub max_doc_tokens: usize,
+    /// Sampling temperature for reasoning (0 = greedy, deterministic).
+    pub reason_temperature: f64,
+    doc: PromptParts,
+    query: PromptParts,
+    reason: PromptParts,
+    forced_suffix: Vec<u32>,
+    embed_id: u32,
+}
+
+impl Embedder {
+    /// Prepares prompts for `model` from `templates`.
+    pub fn new(
+        model: LoadedModel,
+        templates: Templates,
+        max_doc_tokens: usize,
+    ) -> Result<Self, EmbedError> {
+        let embed_id = model
+            .model
+            .embed_token
+            .as_ref()
+            .ok_or(EmbedError::NoEmbedToken)?
+            .id;
+        let tok = &model.tokenizer;
+        let t = &templates;
+        let doc = prompt_parts(
+            tok,
+            &t.document.system,
+            &t.document.user,
+            &t.document.assistant,
+        )?;
+        let query = prompt_parts(tok, &t.query.system, &t.query.user, &t.query.assistant)?;
+        let reason = prompt_parts(tok, &t.reason.system, &t.reason.user, "")?;
+        let forced_suffix = tok.encode(&t.reason.suffix)?;
+        for (what, ids) in [
+            ("document", &doc.suffix),
+            ("query", &query.suffix),
+            ("reason.suffix", &forced_suffix),
+        ] {
+            if ids.last() != Some(&embed_id) {
+                return Err(TemplateError::File {
+                    path: "<templates>".into(),
+                    msg: format!("{what} prompt does not tokenize to end with <|embed_token|>"),
+                }
+                .into());
+            }
+        }
+        Ok(Embedder {
+            model,
+            templates,
+            max_doc_tokens,
+            reason_temperature: 0.0,
+            doc,
+            query,
+            reason,
+            forced_suffix,
+            embed_id,
+        })
+    }
+
+    /// Embedding width.
+    pub fn dim(&self) -> usize {
+        self.model.model.config.hidden_size
+    }
+
+    /// Hash of the templates in use.
+    pub fn template_hash(&self) -> String {
+        self.templates.hash()
+    }
+
+    /// The prompt ids of a document (title and text already joined by the caller).
+    pub fn document_prompt(&self, text: &str) -> Result<DocPrompt, EmbedError> {
+        let mut body = self.model.tokenizer.encode(text)?;
+        let truncated = body.len() > self.max_doc_tokens;
+        body.truncate(self.max_doc_tokens);
+        Ok(DocPrompt {
+            ids: join(&self.doc, &body),
+            truncated,
+        })
+    }
+
+    /// The prompt ids of a query in direct mode.
+    pub fn query_prompt(&self, query: &str) -> Result<Vec<u32>, EmbedError> {
+        Ok(join(&self.query, &self.model.tokenizer.encode(query)?))
+    }
+
+    /// Embeds prompts that each end with `<|embed_token|>`, in one left-padded batch; the
+    /// result does not depend on what else is in the batch (padding is masked exactly).
+    pub fn embed_prompts(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if prompts.is_empty() {
+            return Ok(vec![]);
+        }
+        for p in prompts {
+            if p.last() != Some(&self.embed_id) {
+                return Err(search_r3_model::Error::Invalid(
+                    "prompt does not end with <|embed_token|>".into(),
+                )
+                .into());
+            }
+        }
+        let batch = Batch::left_padded(prompts, self.model.tokenizer.pad_id)?;
+        let h = self.model.model.forward(&batch, Path::Fast, None)?;
+        let last = h.narrow(1, batch.t - 1, 1)?.squeeze(1)?; // [b, d]
+        let rows: Vec<Vec<f32>> = last.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+        Ok(rows.into_iter().map(normalize).collect())
+    }
+
+    /// Embeds document texts (one batch); returns the vectors and how many were truncated.
+    pub fn embed_documents(&self, texts: &[&str]) -> Result<(Vec<Vec<f32>>, usize), EmbedError> {
+        let prompts: Vec<DocPrompt> = texts
+            .iter()
+            .map(|t| self.document_prompt(t))
+            .collect::<Result<_, _>>()?;
+        let truncated = prompts.iter().filter(|p| p.truncated).count();
+        let ids: Vec<Vec<u32>> = prompts.into_iter().map(|p| p.ids).collect();
+        Ok((self.embed_prompts(&ids)?, truncated))
+    }
+
+    /// Embeds queries (batched) in the given mode.
+    pub fn embed_queries(
+        &self,
+        queries: &[&str],
+        mode: QueryMode,
+    ) -> Result<Vec<QueryEmbedding>, EmbedError> {
+        match mode {
+            QueryMode::Direct => {
+                let t0 = Instant::now();
+                let prompts: Vec<Vec<u32>> = queries
+                    .iter()
+                    .map(|q| self.query_prompt(q))
+                    .collect::<Result<_, _>>()?;
+                let vecs = self.embed_prompts(&prompts)?;
+                let per = t0.elapsed().as_secs_f64() / queries.len().max(1) as f64;
+                Ok(vecs
+                    .into_iter()
+                    .map(|vector| QueryEmbedding {
+                        vector,
+                        reasoning: None,
+                        forced: false,
+                        generated_tokens: 0,
+                        generation_s: 0.0,
+                        embedding_s: per,
+                    })
+                    .collect())
+            }
+            QueryMode::Reason => self.embed_queries_reasoning(queries),
+        }
+    }
+
+    fn embed_queries_reasoning(&self, queries: &[&str]) -> Result<Vec<QueryEmbedding>, EmbedError> {
+        let tok = &self.model.tokenizer;
+        let prompts: Vec<Vec<u32>> = queries
+            .iter()
+            .map(|q| Ok(join(&self.reason, &tok.encode(q)?)))
+            .collect::<Result<_, EmbedError>>()?;
+        let cfg = GenerationConfig {
+            max_new_tokens: self.templates.reason.max_reasoning_tokens.max(1),
+            temperature: self.reason_temperature,
+            return_hidden: true,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let gens = generate(&self.model.model, tok, &prompts, &cfg)?;
+        let gen_s = t0.elapsed().as_secs_f64() / queries.len().max(1) as f64;
+        let mut out = Vec::with_capacity(gens.len());
+        // Rows that did not write the embed token get the template's sentence appended and are
+        // embedded in one extra batch.
+        let mut forced_rows = Vec::new();
+        let mut forced_prompts = Vec::new();
+        for (i, g) in gens.iter().enumerate() {
+            let mut body = g.tokens.clone();
+            let forced = g.stop != StopReason::EmbedToken;
+            if forced {
+                if g.stop == StopReason::Eos {
+                    body.pop();
+                }
+                let mut ids = prompts[i].clone();
+                ids.extend(&body);
+                ids.extend(&self.forced_suffix);
+                forced_rows.push(i);
+                forced_prompts.push(ids);
+            } else {
+                body.pop();
+            }
+            let reasoning = tok.decode(&body, true)?.trim().to_string();
+            let vector = match (&g.hidden, forced) {
+                (Some(h), false) => normalize(h.to_dtype(candle_core::DType::F32)?.to_vec1()?),
+                _ => vec![],
+            };
+            out.push(QueryEmbedding {
+                vector,
+                reasoning: Some(reasoning),
+                forced,
+                generated_tokens: g.tokens.len(),
+                generation_s: gen_s,
+                embedding_s: 0.0,
+            });
+        }
+        if !forced_prompts.is_empty() {
+            let t1 = Instant::now();
+            let vecs = self.embed_prompts(&forced_prompts)?;
+            let per = t1.elapsed().as_secs_f64() / forced_prompts.len() as f64;
+            for (row, v) in forced_rows.into_iter().zip(vecs) {
+                out[row].vector = v;
+                out[row].embedding_s = per;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn join(parts: &PromptParts, body: &[u32]) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(parts.prefix.len() + body.len() + parts.suffix.len());
+    ids.extend(&parts.prefix);
+    ids.extend(body);
+    ids.extend(&parts.suffix);
+    ids
+}
+
+/// L2-normalises a vector (a zero vector stays zero).
+pub fn normalize(mut v: Vec<f32>) -> Vec<f32> {
+    let n = v
+        .iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
+    }
+    v
+}

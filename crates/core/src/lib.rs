@@ -1,0 +1,9 @@
+//! Search-R3 retrieval core: prompt templates, the reason-then-embed embedder, corpus reading
+//! and encoding jobs.
+#![warn(missing_docs)]
+
+pub mod embedder;
+pub mod templates;
+
+pub use embedder::{Embedder, QueryEmbedding, QueryMode};
+pub use templates::Templates;

@@ -1,0 +1,108 @@
+//! The embedder on the real default model: the embedding is exactly the runtime's hidden state
+//! at `<|embed_token|>`, independent of batch composition, and reasoning mode embeds what the
+//! model wrote.
+
+use search_r3_core::{Embedder, QueryMode, Templates};
+use search_r3_model::{load::known_model_for_tests, Batch, ChatMessage, Path};
+
+fn embedder() -> Option<Embedder> {
+    let m = known_model_for_tests("smollm2")?;
+    let t = Templates::for_arch(m.model.config.arch);
+    Some(Embedder::new(m, t, 256).unwrap())
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn document_embedding_is_the_hidden_state_at_the_embed_token() {
+    let Some(e) = embedder() else { return };
+    let doc =
+        "Earth's axial tilt of about 23.4 degrees causes seasons as the planet orbits the Sun.";
+    let (v, truncated) = e.embed_documents(&[doc]).unwrap();
+    assert_eq!(truncated, 0);
+    // The same prompt built by hand: chat template + assistant text, then a plain forward.
+    let t = &e.templates.document;
+    let tok = &e.model.tokenizer;
+    let msgs = [
+        ChatMessage::new("system", &t.system),
+        ChatMessage::new("user", &t.user.replace("{text}", doc)),
+    ];
+    let text = tok.apply_chat_template(&msgs, true).unwrap() + &t.assistant;
+    let ids = tok.encode(&text).unwrap();
+    let eid = tok.embed_token_id.unwrap();
+    let pos = ids
+        .iter()
+        .position(|&i| i == eid)
+        .expect("embed token in prompt");
+    assert_eq!(pos, ids.len() - 1);
+    let h = e
+        .model
+        .model
+        .forward(
+            &Batch::left_padded(&[ids.clone()], 0).unwrap(),
+            Path::Fast,
+            None,
+        )
+        .unwrap();
+    let raw: Vec<f32> = h.get(0).unwrap().get(pos).unwrap().to_vec1().unwrap();
+    let n = raw.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let want: Vec<f32> = raw.iter().map(|x| x / n).collect();
+    assert!(max_diff(&v[0], &want) <= 1e-5, "{}", max_diff(&v[0], &want));
+    assert!((v[0].iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-5);
+}
+
+#[test]
+fn batch_composition_does_not_change_a_document_vector() {
+    let Some(e) = embedder() else { return };
+    let docs = [
+        "Short.",
+        "A considerably longer document about protein folding, chaperones and the heat-shock response in yeast cells.",
+        "Medium length text on vitamin D.",
+    ];
+    let (together, _) = e.embed_documents(&docs).unwrap();
+    for (i, d) in docs.iter().enumerate() {
+        let (alone, _) = e.embed_documents(&[d]).unwrap();
+        let d = max_diff(&alone[0], &together[i]);
+        assert!(d <= 1e-4, "doc {i}: {d}");
+    }
+}
+
+#[test]
+fn long_documents_are_truncated_and_counted() {
+    let Some(mut e) = embedder() else { return };
+    e.max_doc_tokens = 8;
+    let long = "word ".repeat(50);
+    let (v, truncated) = e.embed_documents(&[&long, "short"]).unwrap();
+    assert_eq!(truncated, 1);
+    assert_eq!(v.len(), 2);
+    let p = e.document_prompt(&long).unwrap();
+    assert!(p.truncated);
+}
+
+#[test]
+fn reasoning_mode_embeds_what_the_model_wrote() {
+    let Some(e) = embedder() else { return };
+    let qs = [
+        "What causes the seasons on Earth?",
+        "vitamin D deficiency and bone fractures",
+    ];
+    let r = e.embed_queries(&qs, QueryMode::Reason).unwrap();
+    let d = e.embed_queries(&qs, QueryMode::Direct).unwrap();
+    for (i, q) in r.iter().enumerate() {
+        let norm: f32 = q.vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4);
+        let text = q.reasoning.as_deref().unwrap();
+        assert!(!text.is_empty());
+        assert!(
+            q.generated_tokens >= 1
+                && q.generated_tokens <= e.templates.reason.max_reasoning_tokens
+        );
+        // Reasoning changes the vector relative to the direct prompt.
+        assert!(max_diff(&q.vector, &d[i].vector) > 1e-3);
+    }
+}
