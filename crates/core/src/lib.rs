@@ -2,7 +2,9 @@
 //! and encoding jobs.
 #![warn(missing_docs)]
 
+pub mod corpus;
 pub mod embedder;
+pub mod encode;
 pub mod templates;
 
 pub use embedder::{Embedder, QueryEmbedding, QueryMode};
