@@ -1,7 +1,9 @@
-//! `search-r3`: one binary for the whole system. This session's commands cover the runtime:
-//! fetching models, inspecting them, tokenizing, generating and benchmarking.
+//! `search-r3`: one binary for the whole system. Runtime commands (fetching and inspecting
+//! models, tokenizing, generating, benchmarking) live here and in `bench.rs`; the retrieval
+//! commands (`index`, `search`, `demo`) in `retrieval.rs`.
 
 mod bench;
+mod retrieval;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -37,6 +39,13 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Build an index from a corpus (`index --corpus C --out DIR`), or change one (`index add`,
+    /// `index delete`).
+    Index(retrieval::IndexArgs),
+    /// Search an index, optionally letting the model reason first.
+    Search(retrieval::SearchArgs),
+    /// Fetch the default model, index the bundled demo corpus and run example queries.
+    Demo(retrieval::DemoArgs),
 }
 
 #[derive(Subcommand)]
@@ -199,6 +208,9 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Bench(BenchCmd::Model(a)) => bench::run(&a)?,
+        Cmd::Index(a) => retrieval::index(&a)?,
+        Cmd::Search(a) => retrieval::search(&a)?,
+        Cmd::Demo(a) => retrieval::demo(&a)?,
     }
     Ok(())
 }

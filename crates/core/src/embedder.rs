@@ -74,6 +74,10 @@ pub struct Embedder {
     query: PromptParts,
     reason: PromptParts,
     forced_suffix: Vec<u32>,
+    /// The suffix sentence without its embed token ("The embedding is"), and the ids that
+    /// complete it: a model that wrote the sentence but stopped short only gets the token.
+    forced_sentence: String,
+    forced_tail: Vec<u32>,
     embed_id: u32,
 }
 
@@ -101,6 +105,8 @@ impl Embedder {
         let query = prompt_parts(tok, &t.query.system, &t.query.user, &t.query.assistant)?;
         let reason = prompt_parts(tok, &t.reason.system, &t.reason.user, "")?;
         let forced_suffix = tok.encode(&t.reason.suffix)?;
+        let forced_sentence = t.reason.suffix.replace(search_r3_model::EMBED_TOKEN, "").trim().to_string();
+        let forced_tail = tok.encode(&format!(" {}", search_r3_model::EMBED_TOKEN))?;
         for (what, ids) in [
             ("document", &doc.suffix),
             ("query", &query.suffix),
@@ -123,6 +129,8 @@ impl Embedder {
             query,
             reason,
             forced_suffix,
+            forced_sentence,
+            forced_tail,
             embed_id,
         })
     }
@@ -245,7 +253,12 @@ impl Embedder {
                 }
                 let mut ids = prompts[i].clone();
                 ids.extend(&body);
-                ids.extend(&self.forced_suffix);
+                let written = tok.decode(&body, true)?;
+                if !self.forced_sentence.is_empty() && written.trim_end().ends_with(&self.forced_sentence) {
+                    ids.extend(&self.forced_tail);
+                } else {
+                    ids.extend(&self.forced_suffix);
+                }
                 forced_rows.push(i);
                 forced_prompts.push(ids);
             } else {

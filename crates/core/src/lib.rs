@@ -4,6 +4,7 @@
 
 pub mod corpus;
 pub mod embedder;
+pub mod searcher;
 pub mod encode;
 pub mod templates;
 
