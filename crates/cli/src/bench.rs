@@ -145,3 +145,89 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Options of `bench index`.
+#[derive(clap::Args, Debug)]
+pub struct IndexBenchArgs {
+    /// Measure on the vectors of this index (queries: stored vectors of sampled documents,
+    /// slightly perturbed) instead of random unit vectors.
+    #[arg(long)]
+    index: Option<std::path::PathBuf>,
+    /// Random vectors: how many.
+    #[arg(long, default_value_t = 100_000)]
+    n: usize,
+    /// Random vectors: dimension.
+    #[arg(long, default_value_t = 576)]
+    dim: usize,
+    /// Number of queries.
+    #[arg(long, default_value_t = 500)]
+    queries: usize,
+    /// HNSW links per node.
+    #[arg(long)]
+    connectivity: Option<usize>,
+    /// HNSW beam width at search time.
+    #[arg(long)]
+    expansion_search: Option<usize>,
+}
+
+/// HNSW recall@10 against exact search, build time and single-query latency.
+pub fn run_index(a: &IndexBenchArgs) -> Result<()> {
+    use search_r3_index::{bench_recall, bench_recall_on, load_index, HnswParams, VectorIndex};
+    let mut params = HnswParams::default();
+    if let Some(c) = a.connectivity {
+        params.connectivity = c;
+    }
+    if let Some(e) = a.expansion_search {
+        params.expansion_search = e;
+    }
+    let (what, report, bytes) = match &a.index {
+        None => (
+            format!("{} random unit vectors, dim {}", a.n, a.dim),
+            bench_recall(a.n, a.dim, a.queries, params)?,
+            None,
+        ),
+        Some(dir) => {
+            let (idx, meta) = load_index(dir)?;
+            let dim = meta.dim;
+            let keys = idx.keys();
+            let data: Vec<f32> = keys
+                .iter()
+                .flat_map(|&k| idx.get(k).expect("listed key"))
+                .collect();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            let mut qs = Vec::with_capacity(a.queries * dim);
+            for _ in 0..a.queries {
+                let k = keys[rng.random_range(0..keys.len())];
+                let v = idx.get(k).expect("listed key");
+                let noisy: Vec<f32> = v
+                    .iter()
+                    .map(|x| x + rng.random_range(-0.02f32..0.02))
+                    .collect();
+                qs.extend(noisy);
+            }
+            let size: u64 = std::fs::read_dir(dir)?
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            (
+                format!("{} ({} vectors, dim {dim})", dir.display(), keys.len()),
+                bench_recall_on(dim, &data, &qs, params)?,
+                Some(size),
+            )
+        }
+    };
+    let json = serde_json::json!({
+        "data": what,
+        "queries": a.queries,
+        "hnsw": {"connectivity": params.connectivity, "expansion_add": params.expansion_add, "expansion_search": params.expansion_search},
+        "recall_at_10": report.recall,
+        "build_s": report.build_s,
+        "hnsw_p50_us": report.p50_us,
+        "hnsw_p99_us": report.p99_us,
+        "exact_p50_us": report.exact_p50_us,
+        "exact_p99_us": report.exact_p99_us,
+        "index_bytes_on_disk": bytes,
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}

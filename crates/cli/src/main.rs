@@ -71,6 +71,8 @@ enum ModelCmd {
 enum BenchCmd {
     /// Prefill, generation and LoRA fwd+bwd throughput, peak memory.
     Model(bench::BenchArgs),
+    /// HNSW recall@10 vs exact search, build time, search latency (random vectors or an index).
+    Index(bench::IndexBenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -208,6 +210,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Bench(BenchCmd::Model(a)) => bench::run(&a)?,
+        Cmd::Bench(BenchCmd::Index(a)) => bench::run_index(&a)?,
         Cmd::Index(a) => retrieval::index(&a)?,
         Cmd::Search(a) => retrieval::search(&a)?,
         Cmd::Demo(a) => retrieval::demo(&a)?,

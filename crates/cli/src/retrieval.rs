@@ -6,7 +6,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use search_r3_core::corpus::{read_corpus, CorpusFormat, Document, OnError, ReadOptions};
 use search_r3_core::encode::EncodeOptions;
-use search_r3_core::searcher::{load_embedder, BuildOptions, EmbedderOptions, SearchResult, Searcher};
+use search_r3_core::searcher::{
+    load_embedder, BuildOptions, EmbedderOptions, SearchResult, Searcher,
+};
 use search_r3_core::QueryMode;
 use search_r3_index::IndexKind;
 use std::path::{Path, PathBuf};
@@ -58,7 +60,10 @@ impl CorpusArgs {
             on_error: self.on_error,
             allow_empty: self.allow_empty,
         };
-        let path = self.corpus.as_ref().context("--corpus FILE|DIR is required")?;
+        let path = self
+            .corpus
+            .as_ref()
+            .context("--corpus FILE|DIR is required")?;
         let (docs, report) = read_corpus(path, &opts)?;
         eprintln!("{report}");
         Ok(docs)
@@ -165,13 +170,18 @@ fn cancel_flag() -> Arc<AtomicBool> {
         if f.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: finishing the current batch, then stopping (Ctrl-C again to abort)");
+        eprintln!(
+            "\ninterrupt: finishing the current batch, then stopping (Ctrl-C again to abort)"
+        );
     });
     flag
 }
 
 fn build(a: &BuildArgs) -> Result<()> {
-    let out = a.out.as_ref().context("--out DIR is required to build an index")?;
+    let out = a
+        .out
+        .as_ref()
+        .context("--out DIR is required to build an index")?;
     let docs = a.corpus.read()?;
     let (embedder, identity) = load_embedder(&a.model, &a.embed.options(Some(a.max_doc_tokens)))?;
     let opts = BuildOptions {
@@ -206,12 +216,19 @@ fn build(a: &BuildArgs) -> Result<()> {
 /// Runs `search-r3 index …`.
 pub fn index(a: &IndexArgs) -> Result<()> {
     match &a.cmd {
-        Some(IndexCmd::Add { index, corpus, embed }) => {
+        Some(IndexCmd::Add {
+            index,
+            corpus,
+            embed,
+        }) => {
             let docs = corpus.read()?;
             let mut s = Searcher::open(index, None, &embed.options(None))?;
             let before = s.len();
             let truncated = s.upsert(docs, &EncodeOptions::default())?;
-            eprintln!("index now holds {} documents (was {before}; {truncated} truncated)", s.len());
+            eprintln!(
+                "index now holds {} documents (was {before}; {truncated} truncated)",
+                s.len()
+            );
         }
         Some(IndexCmd::Delete { index, ids, embed }) => {
             let mut s = Searcher::open(index, None, &embed.options(None))?;
@@ -231,7 +248,15 @@ pub fn print_results(results: &[SearchResult]) {
     for r in results {
         println!("query: {}", r.query);
         if let Some(t) = &r.embedding.reasoning {
-            println!("reasoning{}: {}", if r.embedding.forced { " (embed token forced)" } else { "" }, t);
+            println!(
+                "reasoning{}: {}",
+                if r.embedding.forced {
+                    " (embed token forced)"
+                } else {
+                    ""
+                },
+                t
+            );
         }
         println!(
             "[generation {:.2}s, embedding {:.2}s, search {:.1}ms]",
@@ -240,8 +265,15 @@ pub fn print_results(results: &[SearchResult]) {
             r.search_s * 1e3
         );
         for h in &r.hits {
-            let title = if h.title.is_empty() { String::new() } else { format!("{} — ", h.title) };
-            println!("{:>3}. {:.4}  {:<28} {}{}", h.rank, h.score, h.id, title, h.snippet);
+            let title = if h.title.is_empty() {
+                String::new()
+            } else {
+                format!("{} — ", h.title)
+            };
+            println!(
+                "{:>3}. {:.4}  {:<28} {}{}",
+                h.rank, h.score, h.id, title, h.snippet
+            );
         }
         println!();
     }
@@ -251,7 +283,11 @@ pub fn print_results(results: &[SearchResult]) {
 pub fn search(a: &SearchArgs) -> Result<()> {
     let s = Searcher::open(&a.index, a.model.as_deref(), &a.embed.options(None))
         .with_context(|| format!("opening index {}", a.index.display()))?;
-    let mode = if a.reason { QueryMode::Reason } else { QueryMode::Direct };
+    let mode = if a.reason {
+        QueryMode::Reason
+    } else {
+        QueryMode::Direct
+    };
     let results = s.search(&[a.query.as_str()], a.k, mode)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
@@ -298,15 +334,33 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             s
         }
         Err(_) => {
-            eprintln!("indexing the demo corpus (531 Python docstrings) into {}", a.out.display());
+            eprintln!(
+                "indexing the demo corpus (531 Python docstrings) into {}",
+                a.out.display()
+            );
             let (docs, _) = read_corpus(&corpus, &ReadOptions::default())?;
             let (embedder, identity) = load_embedder(&a.model, &a.embed.options(Some(256)))?;
             let cancel = cancel_flag();
-            Searcher::build(embedder, identity, docs, &a.out, &BuildOptions::default(), &cancel)?.0
+            Searcher::build(
+                embedder,
+                identity,
+                docs,
+                &a.out,
+                &BuildOptions::default(),
+                &cancel,
+            )?
+            .0
         }
     };
     for mode in [QueryMode::Direct, QueryMode::Reason] {
-        println!("==== {} ====\n", if mode == QueryMode::Direct { "direct (no reasoning)" } else { "with reasoning" });
+        println!(
+            "==== {} ====\n",
+            if mode == QueryMode::Direct {
+                "direct (no reasoning)"
+            } else {
+                "with reasoning"
+            }
+        );
         let results = searcher.search(DEMO_QUERIES, a.k, mode)?;
         print_results(&results);
     }

@@ -17,7 +17,8 @@ fn run(args: &[&str]) -> (bool, String, String) {
 }
 
 fn model_available() -> bool {
-    if search_r3_model::fetch::cached_path("smollm2").is_some() || std::env::var_os("CI").is_some() {
+    if search_r3_model::fetch::cached_path("smollm2").is_some() || std::env::var_os("CI").is_some()
+    {
         return true;
     }
     eprintln!("SKIP: smollm2 not fetched");
@@ -25,12 +26,30 @@ fn model_available() -> bool {
 }
 
 const DOCS: &[(&str, &str)] = &[
-    ("paris", "Paris is the capital and most populous city of France."),
-    ("seasons", "Earth's axial tilt of about 23.4 degrees causes the seasons as the planet orbits the Sun."),
-    ("python", "Python is a high-level programming language known for its readable syntax."),
-    ("insulin", "Insulin is a hormone produced by the pancreas that regulates blood glucose."),
-    ("everest", "Mount Everest is Earth's highest mountain above sea level, in the Himalayas."),
-    ("photosynthesis", "Photosynthesis converts light energy into chemical energy stored in glucose."),
+    (
+        "paris",
+        "Paris is the capital and most populous city of France.",
+    ),
+    (
+        "seasons",
+        "Earth's axial tilt of about 23.4 degrees causes the seasons as the planet orbits the Sun.",
+    ),
+    (
+        "python",
+        "Python is a high-level programming language known for its readable syntax.",
+    ),
+    (
+        "insulin",
+        "Insulin is a hormone produced by the pancreas that regulates blood glucose.",
+    ),
+    (
+        "everest",
+        "Mount Everest is Earth's highest mountain above sea level, in the Himalayas.",
+    ),
+    (
+        "photosynthesis",
+        "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    ),
 ];
 
 fn write_corpus(path: &Path, docs: &[(&str, &str)]) {
@@ -65,37 +84,95 @@ fn index_search_add_delete_round_trip() {
     assert!(ok, "{err}");
     assert!(err.contains("indexed 6 documents"), "{err}");
 
-    let (ok, out, err) = run(&["search", "--index", i, "What is the capital of France?", "-k", "3", "--json"]);
+    let (ok, out, err) = run(&[
+        "search",
+        "--index",
+        i,
+        "What is the capital of France?",
+        "-k",
+        "3",
+        "--json",
+    ]);
     assert!(ok, "{err}");
     let ids = top_ids(&out);
     assert_eq!(ids.len(), 3);
     assert!(ids.contains(&"paris".to_string()), "{ids:?}");
 
     // Reasoning mode prints the trace in the table.
-    let (ok, out, err) = run(&["search", "--index", i, "Why do we have summer and winter?", "--reason", "-k", "2"]);
+    let (ok, out, err) = run(&[
+        "search",
+        "--index",
+        i,
+        "Why do we have summer and winter?",
+        "--reason",
+        "-k",
+        "2",
+    ]);
     assert!(ok, "{err}");
     assert!(out.contains("reasoning"), "{out}");
 
     // Add a document, find it; delete it, it is gone; both persisted.
     let extra = dir.path().join("extra.jsonl");
-    write_corpus(&extra, &[("volcano", "A volcano is a rupture in the crust where lava, ash and gases escape.")]);
-    let (ok, _, err) = run(&["index", "add", "--index", i, "--corpus", extra.to_str().unwrap()]);
+    write_corpus(
+        &extra,
+        &[(
+            "volcano",
+            "A volcano is a rupture in the crust where lava, ash and gases escape.",
+        )],
+    );
+    let (ok, _, err) = run(&[
+        "index",
+        "add",
+        "--index",
+        i,
+        "--corpus",
+        extra.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
-    let (_, out, _) = run(&["search", "--index", i, "lava and ash erupting from a mountain", "-k", "1", "--json"]);
+    let (_, out, _) = run(&[
+        "search",
+        "--index",
+        i,
+        "lava and ash erupting from a mountain",
+        "-k",
+        "1",
+        "--json",
+    ]);
     assert_eq!(top_ids(&out), vec!["volcano"]);
     let (ok, _, err) = run(&["index", "delete", "--index", i, "volcano"]);
     assert!(ok, "{err}");
-    let (_, out, _) = run(&["search", "--index", i, "lava and ash erupting from a mountain", "-k", "10", "--json"]);
+    let (_, out, _) = run(&[
+        "search",
+        "--index",
+        i,
+        "lava and ash erupting from a mountain",
+        "-k",
+        "10",
+        "--json",
+    ]);
     let ids = top_ids(&out);
-    assert!(!ids.contains(&"volcano".to_string()) && ids.len() == 6, "{ids:?}");
+    assert!(
+        !ids.contains(&"volcano".to_string()) && ids.len() == 6,
+        "{ids:?}"
+    );
 
     // An index is refused with other templates.
     let t = dir.path().join("t.toml");
-    let tmpl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../templates/default.toml"))
-        .unwrap()
-        .replacen("Please represent user queries.", "Represent this.", 1);
+    let tmpl = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../templates/default.toml"
+    ))
+    .unwrap()
+    .replacen("Please represent user queries.", "Represent this.", 1);
     std::fs::write(&t, tmpl).unwrap();
-    let (ok, _, err) = run(&["search", "--index", i, "x", "--templates", t.to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "search",
+        "--index",
+        i,
+        "x",
+        "--templates",
+        t.to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(err.contains("template_hash"), "{err}");
 
@@ -106,16 +183,29 @@ fn index_search_add_delete_round_trip() {
     std::fs::write(&docs_file, bytes).unwrap();
     let (ok, _, err) = run(&["search", "--index", i, "x"]);
     assert!(!ok);
-    assert!(err.contains("docs.jsonl") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("docs.jsonl") && !err.contains("panicked"),
+        "{err}"
+    );
 }
 
 #[test]
 fn malformed_corpus_lines_are_reported_with_line_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let corpus = dir.path().join("bad.jsonl");
-    std::fs::write(&corpus, "{\"id\": \"a\", \"text\": \"fine\"}\n{\"id\": \"b\", \"text\": 3}\n").unwrap();
+    std::fs::write(
+        &corpus,
+        "{\"id\": \"a\", \"text\": \"fine\"}\n{\"id\": \"b\", \"text\": 3}\n",
+    )
+    .unwrap();
     let out = dir.path().join("idx");
-    let (ok, _, err) = run(&["index", "--corpus", corpus.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (ok, _, err) = run(&[
+        "index",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(err.contains("bad.jsonl:2") && err.contains("text"), "{err}");
 }

@@ -105,7 +105,12 @@ impl Embedder {
         let query = prompt_parts(tok, &t.query.system, &t.query.user, &t.query.assistant)?;
         let reason = prompt_parts(tok, &t.reason.system, &t.reason.user, "")?;
         let forced_suffix = tok.encode(&t.reason.suffix)?;
-        let forced_sentence = t.reason.suffix.replace(search_r3_model::EMBED_TOKEN, "").trim().to_string();
+        let forced_sentence = t
+            .reason
+            .suffix
+            .replace(search_r3_model::EMBED_TOKEN, "")
+            .trim()
+            .to_string();
         let forced_tail = tok.encode(&format!(" {}", search_r3_model::EMBED_TOKEN))?;
         for (what, ids) in [
             ("document", &doc.suffix),
@@ -254,7 +259,9 @@ impl Embedder {
                 let mut ids = prompts[i].clone();
                 ids.extend(&body);
                 let written = tok.decode(&body, true)?;
-                if !self.forced_sentence.is_empty() && written.trim_end().ends_with(&self.forced_sentence) {
+                if !self.forced_sentence.is_empty()
+                    && written.trim_end().ends_with(&self.forced_sentence)
+                {
                     ids.extend(&self.forced_tail);
                 } else {
                     ids.extend(&self.forced_suffix);

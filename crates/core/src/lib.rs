@@ -4,8 +4,8 @@
 
 pub mod corpus;
 pub mod embedder;
-pub mod searcher;
 pub mod encode;
+pub mod searcher;
 pub mod templates;
 
 pub use embedder::{Embedder, QueryEmbedding, QueryMode};

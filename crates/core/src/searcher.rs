@@ -11,8 +11,8 @@ use crate::embedder::{EmbedError, Embedder, QueryEmbedding, QueryMode};
 use crate::encode::{encode_documents, EncodeError, EncodeOptions};
 use crate::templates::{TemplateError, Templates};
 use search_r3_index::{
-    check_compatible, load_index_with_files, save_index_with_files, AnyIndex, DocKey, HnswParams, IndexKind, IndexMeta,
-    VectorIndex,
+    check_compatible, load_index_with_files, save_index_with_files, AnyIndex, DocKey, HnswParams,
+    IndexKind, IndexMeta, VectorIndex,
 };
 use search_r3_model::{fetch, load_model, state, LoadOptions, LoadedModel};
 use serde_json::{json, Map, Value};
@@ -65,18 +65,24 @@ impl ModelIdentity {
     pub fn compat_map(&self) -> Map<String, Value> {
         let mut m = Map::new();
         m.insert("model_sha256".into(), json!(self.sha256));
-        m.insert("adapter_sha256".into(), json!(self.adapter.clone().unwrap_or_default()));
+        m.insert(
+            "adapter_sha256".into(),
+            json!(self.adapter.clone().unwrap_or_default()),
+        );
         m.insert("template_hash".into(), json!(self.template_hash));
         m
     }
 }
 
 fn sha256_file(path: &Path) -> Result<String, SearchError> {
-    let mut f = std::fs::File::open(path).map_err(|e| SearchError::Other(format!("{}: {e}", path.display())))?;
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| SearchError::Other(format!("{}: {e}", path.display())))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| SearchError::Other(format!("{}: {e}", path.display())))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| SearchError::Other(format!("{}: {e}", path.display())))?;
         if n == 0 {
             break;
         }
@@ -118,7 +124,10 @@ pub struct EmbedderOptions {
 }
 
 /// Loads model (+adapter) and templates into an [`Embedder`], with its identity.
-pub fn load_embedder(spec: &str, opts: &EmbedderOptions) -> Result<(Embedder, ModelIdentity), SearchError> {
+pub fn load_embedder(
+    spec: &str,
+    opts: &EmbedderOptions,
+) -> Result<(Embedder, ModelIdentity), SearchError> {
     let mut loaded = load_model(spec, &LoadOptions::default())?;
     let adapter = match &opts.adapter {
         Some(p) => {
@@ -251,18 +260,31 @@ impl Searcher {
             .clone();
         let texts: Vec<String> = docs.iter().map(Document::full_text).collect();
         let enc = encode_documents(&embedder, &texts, &enc_opts, cancel)?;
-        let mut index = AnyIndex::new(opts.kind, embedder.dim(), opts.hnsw.clone())?;
+        let mut index = AnyIndex::new(opts.kind, embedder.dim(), opts.hnsw)?;
         let keys: Vec<DocKey> = (0..docs.len() as DocKey).collect();
         let flat: Vec<f32> = enc.vectors.iter().flatten().copied().collect();
         index.upsert_batch(&keys, &flat)?;
         let mut meta = IndexMeta::with_extra(identity.compat_map());
         meta.extra.insert("model_spec".into(), json!(identity.spec));
-        meta.extra.insert("model_id".into(), json!(embedder.model.id));
-        meta.extra.insert("templates".into(), serde_json::to_value(&embedder.templates).expect("serialisable"));
-        meta.extra.insert("max_doc_tokens".into(), json!(embedder.max_doc_tokens));
-        meta.extra.insert("corpus_fingerprint".into(), json!(corpus_fingerprint(&docs)));
-        meta.extra.insert("truncated_docs".into(), json!(enc.truncated));
-        let by_id = docs.iter().enumerate().map(|(i, d)| (d.id.clone(), i as DocKey)).collect();
+        meta.extra
+            .insert("model_id".into(), json!(embedder.model.id));
+        meta.extra.insert(
+            "templates".into(),
+            serde_json::to_value(&embedder.templates).expect("serialisable"),
+        );
+        meta.extra
+            .insert("max_doc_tokens".into(), json!(embedder.max_doc_tokens));
+        meta.extra.insert(
+            "corpus_fingerprint".into(),
+            json!(corpus_fingerprint(&docs)),
+        );
+        meta.extra
+            .insert("truncated_docs".into(), json!(enc.truncated));
+        let by_id = docs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.id.clone(), i as DocKey))
+            .collect();
         let mut s = Searcher {
             embedder,
             index,
@@ -286,7 +308,11 @@ impl Searcher {
 
     /// Opens an index. The model is the one recorded in the index unless `model` overrides it;
     /// either way its identity (model sha256, adapter, templates) must match the index.
-    pub fn open(dir: &Path, model: Option<&str>, opts: &EmbedderOptions) -> Result<Searcher, SearchError> {
+    pub fn open(
+        dir: &Path,
+        model: Option<&str>,
+        opts: &EmbedderOptions,
+    ) -> Result<Searcher, SearchError> {
         let (index, meta, files) = load_index_with_files(dir)?;
         let spec = match model {
             Some(m) => m.to_string(),
@@ -294,12 +320,21 @@ impl Searcher {
                 .extra
                 .get("model_spec")
                 .and_then(Value::as_str)
-                .ok_or_else(|| SearchError::Other(format!("{}: index metadata has no model_spec; pass --model", dir.display())))?
+                .ok_or_else(|| {
+                    SearchError::Other(format!(
+                        "{}: index metadata has no model_spec; pass --model",
+                        dir.display()
+                    ))
+                })?
                 .to_string(),
         };
         let mut eopts = opts.clone();
         if eopts.max_doc_tokens.is_none() {
-            eopts.max_doc_tokens = meta.extra.get("max_doc_tokens").and_then(Value::as_u64).map(|v| v as usize);
+            eopts.max_doc_tokens = meta
+                .extra
+                .get("max_doc_tokens")
+                .and_then(Value::as_u64)
+                .map(|v| v as usize);
         }
         let (embedder, identity) = load_embedder(&spec, &eopts)?;
         check_compatible(&meta, &identity.compat_map())?;
@@ -311,8 +346,9 @@ impl Searcher {
             if line.is_empty() {
                 continue;
             }
-            let d: Option<Document> = serde_json::from_slice(line)
-                .map_err(|e| SearchError::Other(format!("{}/{DOCS_FILE}:{}: {e}", dir.display(), i + 1)))?;
+            let d: Option<Document> = serde_json::from_slice(line).map_err(|e| {
+                SearchError::Other(format!("{}/{DOCS_FILE}:{}: {e}", dir.display(), i + 1))
+            })?;
             docs.push(d);
         }
         let by_id = docs
@@ -365,7 +401,12 @@ impl Searcher {
     }
 
     /// Embeds the queries in `mode` and returns the top `k` documents for each.
-    pub fn search(&self, queries: &[&str], k: usize, mode: QueryMode) -> Result<Vec<SearchResult>, SearchError> {
+    pub fn search(
+        &self,
+        queries: &[&str],
+        k: usize,
+        mode: QueryMode,
+    ) -> Result<Vec<SearchResult>, SearchError> {
         let embs = self.embedder.embed_queries(queries, mode)?;
         let mut out = Vec::with_capacity(embs.len());
         for (q, e) in queries.iter().zip(embs) {
@@ -398,7 +439,11 @@ impl Searcher {
     }
 
     /// Adds or replaces documents (by id) and persists the index atomically.
-    pub fn upsert(&mut self, docs: Vec<Document>, opts: &EncodeOptions) -> Result<usize, SearchError> {
+    pub fn upsert(
+        &mut self,
+        docs: Vec<Document>,
+        opts: &EncodeOptions,
+    ) -> Result<usize, SearchError> {
         let texts: Vec<String> = docs.iter().map(Document::full_text).collect();
         let enc = encode_documents(&self.embedder, &texts, opts, &AtomicBool::new(false))?;
         for (d, v) in docs.into_iter().zip(enc.vectors) {
@@ -440,7 +485,12 @@ impl Searcher {
             serde_json::to_writer(&mut table, d).expect("documents serialise");
             table.push(b'\n');
         }
-        self.meta = save_index_with_files(&self.dir, &self.index, &self.meta, &[(DOCS_FILE, table.as_slice())])?;
+        self.meta = save_index_with_files(
+            &self.dir,
+            &self.index,
+            &self.meta,
+            &[(DOCS_FILE, table.as_slice())],
+        )?;
         Ok(())
     }
 }

@@ -44,7 +44,7 @@ fn document_embedding_is_the_hidden_state_at_the_embed_token() {
         .model
         .model
         .forward(
-            &Batch::left_padded(&[ids.clone()], 0).unwrap(),
+            &Batch::left_padded(std::slice::from_ref(&ids), 0).unwrap(),
             Path::Fast,
             None,
         )
