@@ -333,7 +333,10 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             eprintln!("reusing the demo index in {}", a.out.display());
             s
         }
-        Err(_) => {
+        Err(e) => {
+            if a.out.exists() {
+                eprintln!("not reusing {}: {e:#}", a.out.display());
+            }
             eprintln!(
                 "indexing the demo corpus (531 Python docstrings) into {}",
                 a.out.display()
