@@ -209,3 +209,70 @@ fn malformed_corpus_lines_are_reported_with_line_numbers() {
     assert!(!ok);
     assert!(err.contains("bad.jsonl:2") && err.contains("text"), "{err}");
 }
+
+/// `kill -9` in the middle of `search-r3 index`, then the same command again: the resumed index
+/// holds exactly the vectors of an uninterrupted build.
+#[test]
+fn killed_index_build_resumes_to_the_same_index() {
+    if !model_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("docs.jsonl");
+    let docs: Vec<(String, String)> = (0..40)
+        .map(|i| {
+            (
+                format!("d{i}"),
+                format!("Note {i} about {}", "cells and proteins ".repeat(1 + i % 7)),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = docs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    write_corpus(&corpus, &refs);
+    let c = corpus.to_str().unwrap();
+    let build = |out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_search-r3"))
+            .args([
+                "index",
+                "--corpus",
+                c,
+                "--out",
+                out.to_str().unwrap(),
+                "--kind",
+                "exact",
+            ])
+            .args(["--batch-tokens", "200"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let killed = dir.path().join("killed");
+    let ckpt = dir.path().join("killed.encode.ckpt");
+    let mut child = build(&killed);
+    let t0 = std::time::Instant::now();
+    while std::fs::metadata(&ckpt)
+        .map(|m| m.len() <= 72)
+        .unwrap_or(true)
+    {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint written");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !killed.join("index.json").exists(),
+        "killed before finishing"
+    );
+    assert!(build(&killed).wait().unwrap().success());
+    assert!(!ckpt.exists(), "checkpoint removed after success");
+    let straight = dir.path().join("straight");
+    assert!(build(&straight).wait().unwrap().success());
+
+    let (a, _) = search_r3_index::load_index(&killed).unwrap();
+    let (b, _) = search_r3_index::load_index(&straight).unwrap();
+    use search_r3_index::VectorIndex;
+    assert_eq!(a.keys(), b.keys());
+    for k in a.keys() {
+        assert_eq!(a.get(k), b.get(k), "vector of key {k}");
+    }
+}
