@@ -97,28 +97,26 @@ pub fn generate(
         .collect();
 
     let first = Batch::left_padded(prompts, tok.pad_id)?;
-    let mut key_mask = first.key_mask.clone();
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     let mut cache = KvCache::new();
     let hidden = model.forward(&first, Path::Fast, Some(&mut cache))?;
     let mut last_hidden = hidden.i((.., first.t - 1))?; // [n, d]
+    let mut key_mask = first.key_mask;
 
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
     let mut logprobs: Vec<Vec<f32>> = vec![Vec::new(); n];
     let mut stop: Vec<Option<StopReason>> = vec![None; n];
     let mut hidden_out: Vec<Option<Tensor>> = vec![None; n];
-    // Rows whose last token still has to be fed once to read its hidden state.
-    let mut pending_hidden = vec![false; n];
 
     loop {
         let logits = model.logits(&last_hidden)?.to_dtype(DType::F32)?;
         let logits: Vec<Vec<f32>> = logits.to_vec2()?;
         let mut step_ids = vec![tok.pad_id; n];
+        // Rows that stop at this step and want the hidden state of their stop token: it is fed
+        // below like any other token, and its output is read after the forward.
+        let mut capture = vec![false; n];
         for r in 0..n {
             if stop[r].is_some() {
-                if pending_hidden[r] {
-                    step_ids[r] = *out[r].last().expect("stopped rows have output");
-                }
                 continue;
             }
             let (id, lp) = pick_token(&logits[r], cfg, &mut rngs[r]);
@@ -136,14 +134,11 @@ pub fn generate(
             };
             if let Some(reason) = reason {
                 stop[r] = Some(reason);
-                pending_hidden[r] = cfg.return_hidden;
-                // Its token is fed in this very step; the hidden state arrives below.
-                step_ids[r] = id;
+                capture[r] = cfg.return_hidden;
             }
         }
-        let active = (0..n).any(|r| stop[r].is_none());
-        let need_feed = active || pending_hidden.iter().any(|&p| p);
-        if !need_feed {
+        let active = stop.iter().any(Option::is_none);
+        if !active && !capture.contains(&true) {
             break;
         }
         // Feed one token per row.
@@ -157,23 +152,20 @@ pub fn generate(
             km.extend_from_slice(&key_mask[r * s_old..(r + 1) * s_old]);
             km.push(true);
         }
-        key_mask = km;
         let batch = Batch {
             b: n,
             t: 1,
             ids: step_ids,
             positions,
-            key_mask: key_mask.clone(),
+            key_mask: km,
         };
         let h = model.forward(&batch, Path::Fast, Some(&mut cache))?;
+        key_mask = batch.key_mask;
         last_hidden = h.i((.., 0))?;
-        for r in 0..n {
-            if pending_hidden[r] && stop[r].is_some() {
-                hidden_out[r] = Some(last_hidden.i(r)?);
-                pending_hidden[r] = false;
-            }
+        for r in (0..n).filter(|&r| capture[r]) {
+            hidden_out[r] = Some(last_hidden.i(r)?);
         }
-        if !active && !pending_hidden.iter().any(|&p| p) {
+        if !active {
             break;
         }
     }
