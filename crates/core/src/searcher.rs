@@ -18,7 +18,6 @@ use search_r3_model::{fetch, load_model, state, LoadOptions, LoadedModel};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -75,20 +74,7 @@ impl ModelIdentity {
 }
 
 fn sha256_file(path: &Path) -> Result<String, SearchError> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| SearchError::Other(format!("{}: {e}", path.display())))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| SearchError::Other(format!("{}: {e}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    fetch::sha256_file(path).map_err(|e| SearchError::Other(e.to_string()))
 }
 
 /// sha256 identifying a model on disk (a fetched model's verified hash is reused).

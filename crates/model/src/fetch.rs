@@ -823,7 +823,8 @@ fn concat_hashing(srcs: &[PathBuf], dst: &Path) -> Result<(u64, String), FetchEr
     Ok((total, hex::encode(hasher.finalize())))
 }
 
-fn hash_file(path: &Path) -> Result<String, FetchError> {
+/// Hex sha256 of a file, streamed (model files are hundreds of MB).
+pub fn sha256_file(path: &Path) -> Result<String, FetchError> {
     let mut f = File::open(path).map_err(io_err("opening", path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; COPY_BUF];
@@ -927,7 +928,7 @@ fn assemble(model: &KnownModel, unpacked: &Path, entry: &Path) -> Result<(), Fet
             let len = fs::metadata(&path).map_err(io_err("reading", &path))?.len();
             check_size(model, weights, len)?;
             tracing::info!("verifying sha256 of {weights}");
-            check_sha(model, weights, hash_file(&path)?)
+            check_sha(model, weights, sha256_file(&path)?)
         }
     }
 }
