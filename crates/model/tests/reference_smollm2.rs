@@ -146,14 +146,7 @@ fn generation_returns_the_hidden_state_at_the_stop_token() {
             let h = m.model.forward(&b, Path::Fast, None).unwrap();
             let want = h.get(0).unwrap().get(full.len() - 1).unwrap();
             let got = g.hidden.as_ref().expect("hidden requested");
-            let d = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = common::max_abs_diff_t(got, &want);
             assert!(d <= 1e-4, "hidden at stop differs by {d}");
         }
     };

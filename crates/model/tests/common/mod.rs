@@ -52,3 +52,15 @@ pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
 }
 
 pub mod reference;
+
+/// Max |a-b| over two tensors of the same shape.
+pub fn max_abs_diff_t(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

@@ -163,14 +163,7 @@ pub fn check_left_padding_does_not_change_hidden_states(MODEL: &str, TOL: f32) {
             let row = all.get(i).unwrap();
             let pad = batch.t - s.len();
             let row = row.narrow(0, pad, s.len()).unwrap();
-            let diff = (row - alone)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff_t(&row, &alone);
             assert!(diff <= TOL, "{path:?} row {i}: max |Δ| = {diff}");
         }
     }
