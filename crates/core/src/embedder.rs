@@ -70,6 +70,11 @@ pub struct Embedder {
     pub max_doc_tokens: usize,
     /// Sampling temperature for reasoning (0 = greedy, deterministic).
     pub reason_temperature: f64,
+    /// Padded tokens per forward pass when embedding prompts; longer lists are split into
+    /// several passes so memory stays bounded whatever the caller hands in.
+    pub batch_tokens: usize,
+    /// Queries generated together in reasoning mode (each holds a KV cache while it runs).
+    pub reason_batch: usize,
     doc: PromptParts,
     query: PromptParts,
     reason: PromptParts,
@@ -130,6 +135,8 @@ impl Embedder {
             templates,
             max_doc_tokens,
             reason_temperature: 0.0,
+            batch_tokens: 4096,
+            reason_batch: 16,
             doc,
             query,
             reason,
@@ -166,12 +173,10 @@ impl Embedder {
         Ok(join(&self.query, &self.model.tokenizer.encode(query)?))
     }
 
-    /// Embeds prompts that each end with `<|embed_token|>`, in one left-padded batch; the
-    /// result does not depend on what else is in the batch (padding is masked exactly).
+    /// Embeds prompts that each end with `<|embed_token|>`, in left-padded batches of at most
+    /// [`Embedder::batch_tokens`] padded tokens (length-sorted); the result does not depend on
+    /// what else is in a batch (padding is masked exactly).
     pub fn embed_prompts(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        if prompts.is_empty() {
-            return Ok(vec![]);
-        }
         for p in prompts {
             if p.last() != Some(&self.embed_id) {
                 return Err(search_r3_model::Error::Invalid(
@@ -180,6 +185,18 @@ impl Embedder {
                 .into());
             }
         }
+        let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        let mut out = vec![Vec::new(); prompts.len()];
+        for rows in crate::encode::plan_batches(&lengths, self.batch_tokens.max(1)) {
+            let batch: Vec<Vec<u32>> = rows.iter().map(|&i| prompts[i].clone()).collect();
+            for (i, v) in rows.into_iter().zip(self.embed_batch(&batch)?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    fn embed_batch(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let batch = Batch::left_padded(prompts, self.model.tokenizer.pad_id)?;
         let h = self.model.model.forward(&batch, Path::Fast, None)?;
         let last = h.narrow(1, batch.t - 1, 1)?.squeeze(1)?; // [b, d]
@@ -187,7 +204,7 @@ impl Embedder {
         Ok(rows.into_iter().map(normalize).collect())
     }
 
-    /// Embeds document texts (one batch); returns the vectors and how many were truncated.
+    /// Embeds document texts; returns the vectors and how many were truncated.
     pub fn embed_documents(&self, texts: &[&str]) -> Result<(Vec<Vec<f32>>, usize), EmbedError> {
         let prompts: Vec<DocPrompt> = texts
             .iter()
@@ -225,7 +242,13 @@ impl Embedder {
                     })
                     .collect())
             }
-            QueryMode::Reason => self.embed_queries_reasoning(queries),
+            QueryMode::Reason => {
+                let mut out = Vec::with_capacity(queries.len());
+                for chunk in queries.chunks(self.reason_batch.max(1)) {
+                    out.extend(self.embed_queries_reasoning(chunk)?);
+                }
+                Ok(out)
+            }
         }
     }
 
