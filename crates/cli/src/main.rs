@@ -4,6 +4,7 @@
 
 mod bench;
 mod retrieval;
+mod score;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -46,6 +47,9 @@ enum Cmd {
     Search(retrieval::SearchArgs),
     /// Fetch the default model, index the bundled demo corpus and run example queries.
     Demo(retrieval::DemoArgs),
+    /// Score a TREC run against BEIR qrels with trec_eval's metrics (nDCG, recall, MRR, MAP,
+    /// P@10).
+    Score(score::ScoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -214,6 +218,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Index(a) => retrieval::index(&a)?,
         Cmd::Search(a) => retrieval::search(&a)?,
         Cmd::Demo(a) => retrieval::demo(&a)?,
+        Cmd::Score(a) => score::score(&a)?,
     }
     Ok(())
 }

@@ -5,8 +5,10 @@
 pub mod corpus;
 pub mod embedder;
 pub mod encode;
+pub mod metrics;
 pub mod searcher;
 pub mod templates;
+pub mod trec;
 
 pub use embedder::{Embedder, QueryEmbedding, QueryMode};
 pub use templates::Templates;

@@ -1,0 +1,140 @@
+//! `search-r3 score`: trec_eval-exact metrics for a TREC run file against BEIR qrels.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use search_r3_core::metrics::{evaluate, missing_queries, unknown_queries, Qrels, ALL_METRICS};
+use search_r3_core::trec::read_run;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// How many offending query ids a message names before summarising the rest.
+const EXAMPLES: usize = 5;
+
+/// `search-r3 score`.
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// Relevance judgements: a BEIR qrels TSV (query-id, corpus-id, score).
+    #[arg(long)]
+    qrels: PathBuf,
+    /// The run to score, in TREC format (qid Q0 docid rank score tag).
+    #[arg(long)]
+    run: PathBuf,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Report every query's metrics too (printed, and under "per_query" in --out).
+    #[arg(long)]
+    per_query: bool,
+    /// Fail when the run has queries that the qrels do not judge, instead of ignoring them.
+    #[arg(long)]
+    strict: bool,
+}
+
+fn examples(ids: &[String]) -> String {
+    let mut s = ids
+        .iter()
+        .take(EXAMPLES)
+        .map(|q| format!("`{q}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if ids.len() > EXAMPLES {
+        s.push_str(&format!(" and {} more", ids.len() - EXAMPLES));
+    }
+    s
+}
+
+/// Runs `search-r3 score`.
+pub fn score(a: &ScoreArgs) -> Result<()> {
+    let qrels =
+        Qrels::read(&a.qrels).with_context(|| format!("reading qrels {}", a.qrels.display()))?;
+    let run = read_run(&a.run).with_context(|| format!("reading run {}", a.run.display()))?;
+
+    let unknown = unknown_queries(&qrels, &run);
+    if !unknown.is_empty() {
+        let what = format!(
+            "{} of the {} queries in {} have no judgements in {}: {}",
+            unknown.len(),
+            run.len(),
+            a.run.display(),
+            a.qrels.display(),
+            examples(&unknown)
+        );
+        if a.strict {
+            bail!("{what}");
+        }
+        eprintln!("warning: {what}; they are ignored, as trec_eval ignores them");
+    }
+    let missing = missing_queries(&qrels, &run);
+    if !missing.is_empty() {
+        // trec_eval without -c leaves them out of the means; saying so keeps a short run from
+        // looking better than it is unnoticed.
+        eprintln!(
+            "note: {} of the {} judged queries are absent from the run and not scored: {}",
+            missing.len(),
+            qrels.len(),
+            examples(&missing)
+        );
+    }
+
+    let ev = evaluate(&qrels, &run);
+    if ev.queries == 0 {
+        bail!(
+            "no query in {} is judged in {}: nothing to score (do the query ids match?)",
+            a.run.display(),
+            a.qrels.display()
+        );
+    }
+
+    let mut stdout = std::io::stdout().lock();
+    if a.per_query {
+        write!(stdout, "{:<16}", "query")?;
+        for m in ALL_METRICS {
+            write!(stdout, " {m:>10}")?;
+        }
+        writeln!(stdout)?;
+        for (q, scores) in &ev.per_query {
+            write!(stdout, "{q:<16}")?;
+            for m in ALL_METRICS {
+                write!(stdout, " {:>10.4}", scores[m])?;
+            }
+            writeln!(stdout)?;
+        }
+        writeln!(stdout)?;
+    }
+    writeln!(stdout, "{:<12} {:>8}", "metric", "value")?;
+    for m in ALL_METRICS {
+        writeln!(stdout, "{m:<12} {:>8.4}", ev.mean[m])?;
+    }
+    writeln!(stdout, "{:<12} {:>8}", "queries", ev.queries)?;
+
+    if let Some(out) = &a.out {
+        let mut json = serde_json::Map::new();
+        for m in ALL_METRICS {
+            json.insert(m.to_string(), ev.mean[m].into());
+        }
+        json.insert("queries".into(), ev.queries.into());
+        json.insert("qrels".into(), a.qrels.display().to_string().into());
+        json.insert("run".into(), a.run.display().to_string().into());
+        if a.per_query {
+            json.insert("per_query".into(), serde_json::to_value(&ev.per_query)?);
+        }
+        write_atomic(out, &serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing results {}", out.display()))?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// A temporary file beside `path`, then a rename: a results file is either whole or absent.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.write_all(b"\n")?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)?;
+    Ok(())
+}
