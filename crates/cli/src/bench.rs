@@ -159,6 +159,10 @@ pub struct IndexBenchArgs {
     /// Random vectors: dimension.
     #[arg(long, default_value_t = 576)]
     dim: usize,
+    /// Random vectors drawn around this many cluster centres (the shape of real embeddings)
+    /// instead of uniformly on the sphere (the worst case for a graph index).
+    #[arg(long)]
+    clustered: Option<usize>,
     /// Number of queries.
     #[arg(long, default_value_t = 500)]
     queries: usize,
@@ -172,7 +176,12 @@ pub struct IndexBenchArgs {
 
 /// HNSW recall@10 against exact search, build time and single-query latency.
 pub fn run_index(a: &IndexBenchArgs) -> Result<()> {
-    use search_r3_index::{bench_recall, bench_recall_on, load_index, HnswParams, VectorIndex};
+    use search_r3_index::{
+        bench_recall, bench_recall_on, clustered_unit_vectors, load_index, HnswParams, VectorIndex,
+    };
+    // The spread the index crate's clustered tests use: neighbours within a cluster are
+    // distinguishable but close, as in real embeddings.
+    const CLUSTER_SPREAD: f32 = 0.5;
     let mut params = HnswParams::default();
     if let Some(c) = a.connectivity {
         params.connectivity = c;
@@ -181,11 +190,25 @@ pub fn run_index(a: &IndexBenchArgs) -> Result<()> {
         params.expansion_search = e;
     }
     let (what, report, bytes) = match &a.index {
-        None => (
-            format!("{} random unit vectors, dim {}", a.n, a.dim),
-            bench_recall(a.n, a.dim, a.queries, params)?,
-            None,
-        ),
+        None => match a.clustered {
+            None => (
+                format!("{} random unit vectors, dim {}", a.n, a.dim),
+                bench_recall(a.n, a.dim, a.queries, params)?,
+                None,
+            ),
+            Some(c) => {
+                let data = clustered_unit_vectors(a.n, a.dim, c, CLUSTER_SPREAD, 1);
+                let qs = clustered_unit_vectors(a.queries, a.dim, c, CLUSTER_SPREAD, 2);
+                (
+                    format!(
+                        "{} clustered unit vectors ({c} clusters), dim {}",
+                        a.n, a.dim
+                    ),
+                    bench_recall_on(a.dim, &data, &qs, params)?,
+                    None,
+                )
+            }
+        },
         Some(dir) => {
             let (idx, meta) = load_index(dir)?;
             let dim = meta.dim;

@@ -3,6 +3,7 @@
 //! commands (`index`, `search`, `demo`) in `retrieval.rs`.
 
 mod bench;
+mod eval;
 mod retrieval;
 mod score;
 
@@ -50,6 +51,9 @@ enum Cmd {
     /// Score a TREC run against BEIR qrels with trec_eval's metrics (nDCG, recall, MRR, MAP,
     /// P@10).
     Score(score::ScoreArgs),
+    /// Evaluate a retriever (an LLM, `bm25` or `minilm`) on a BEIR split: nDCG, recall, MRR,
+    /// MAP, P@10 as trec_eval computes them, a TREC run file and results.json.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Subcommand)]
@@ -219,6 +223,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Search(a) => retrieval::search(&a)?,
         Cmd::Demo(a) => retrieval::demo(&a)?,
         Cmd::Score(a) => score::score(&a)?,
+        Cmd::Eval(a) => eval::eval(&a)?,
     }
     Ok(())
 }

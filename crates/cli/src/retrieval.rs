@@ -27,7 +27,12 @@ pub struct EmbedArgs {
 }
 
 impl EmbedArgs {
-    fn options(&self, max_doc_tokens: Option<usize>) -> EmbedderOptions {
+    /// The adapter file, if one was given.
+    pub(crate) fn adapter_path(&self) -> Option<&Path> {
+        self.adapter.as_deref()
+    }
+
+    pub(crate) fn options(&self, max_doc_tokens: Option<usize>) -> EmbedderOptions {
         EmbedderOptions {
             adapter: self.adapter.clone(),
             templates: self.templates.clone(),
@@ -104,7 +109,7 @@ pub struct BuildArgs {
     kind: IndexKind,
 }
 
-fn parse_kind(s: &str) -> Result<IndexKind, String> {
+pub(crate) fn parse_kind(s: &str) -> Result<IndexKind, String> {
     match s {
         "hnsw" => Ok(IndexKind::Hnsw),
         "exact" => Ok(IndexKind::Exact),
@@ -163,7 +168,7 @@ pub struct SearchArgs {
 }
 
 /// Ctrl-C stops an encoding job between batches; its checkpoint makes the next run resume.
-fn cancel_flag() -> Arc<AtomicBool> {
+pub(crate) fn cancel_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     let _ = ctrlc::set_handler(move || {

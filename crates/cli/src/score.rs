@@ -2,7 +2,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use search_r3_core::metrics::{evaluate, missing_queries, unknown_queries, Qrels, ALL_METRICS};
+use search_r3_core::metrics::{
+    evaluate, missing_queries, unknown_queries, Evaluation, Qrels, ALL_METRICS,
+};
 use search_r3_core::trec::read_run;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -85,8 +87,23 @@ pub fn score(a: &ScoreArgs) -> Result<()> {
         );
     }
 
+    print_metrics(&ev, a.per_query)?;
+
+    if let Some(out) = &a.out {
+        let mut json = metrics_json(&ev, a.per_query)?;
+        json.insert("qrels".into(), a.qrels.display().to_string().into());
+        json.insert("run".into(), a.run.display().to_string().into());
+        write_atomic(out, &serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing results {}", out.display()))?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// Prints the mean metrics (and, with `per_query`, one row per query) as a table on stdout.
+pub(crate) fn print_metrics(ev: &Evaluation, per_query: bool) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
-    if a.per_query {
+    if per_query {
         write!(stdout, "{:<16}", "query")?;
         for m in ALL_METRICS {
             write!(stdout, " {m:>10}")?;
@@ -106,27 +123,28 @@ pub fn score(a: &ScoreArgs) -> Result<()> {
         writeln!(stdout, "{m:<12} {:>8.4}", ev.mean[m])?;
     }
     writeln!(stdout, "{:<12} {:>8}", "queries", ev.queries)?;
-
-    if let Some(out) = &a.out {
-        let mut json = serde_json::Map::new();
-        for m in ALL_METRICS {
-            json.insert(m.to_string(), ev.mean[m].into());
-        }
-        json.insert("queries".into(), ev.queries.into());
-        json.insert("qrels".into(), a.qrels.display().to_string().into());
-        json.insert("run".into(), a.run.display().to_string().into());
-        if a.per_query {
-            json.insert("per_query".into(), serde_json::to_value(&ev.per_query)?);
-        }
-        write_atomic(out, &serde_json::to_string_pretty(&json)?)
-            .with_context(|| format!("writing results {}", out.display()))?;
-        eprintln!("wrote {}", out.display());
-    }
     Ok(())
 }
 
+/// The results object both `score` and `eval` write: every metric's mean at the top level,
+/// `queries`, and with `per_query` the per-query values under `"per_query"`.
+pub(crate) fn metrics_json(
+    ev: &Evaluation,
+    per_query: bool,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut json = serde_json::Map::new();
+    for m in ALL_METRICS {
+        json.insert(m.to_string(), ev.mean[m].into());
+    }
+    json.insert("queries".into(), ev.queries.into());
+    if per_query {
+        json.insert("per_query".into(), serde_json::to_value(&ev.per_query)?);
+    }
+    Ok(json)
+}
+
 /// A temporary file beside `path`, then a rename: a results file is either whole or absent.
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

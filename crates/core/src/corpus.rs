@@ -656,6 +656,28 @@ pub fn read_queries(path: &Path) -> Result<Vec<(String, String)>, CorpusError> {
 /// for the same pair are errors naming the file and line; an exact repeat of a row is dropped
 /// with a warning so it cannot be counted twice.
 pub fn read_qrels(path: &Path) -> Result<Vec<(String, String, i32)>, CorpusError> {
+    Ok(read_qrels_lines(path)?
+        .into_iter()
+        .map(|j| (j.query_id, j.doc_id, j.grade))
+        .collect())
+}
+
+/// One relevance judgement and the line it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Judgement {
+    /// The query id.
+    pub query_id: String,
+    /// The document id.
+    pub doc_id: String,
+    /// The relevance grade.
+    pub grade: i32,
+    /// 1-based line number in the qrels file.
+    pub line: usize,
+}
+
+/// [`read_qrels`] keeping each judgement's line number, so later checks (unknown query or
+/// document ids) can point at the line.
+pub fn read_qrels_lines(path: &Path) -> Result<Vec<Judgement>, CorpusError> {
     if path.is_dir() {
         return Err(CorpusError::IsDirectory {
             path: path.to_path_buf(),
@@ -744,7 +766,12 @@ pub fn read_qrels(path: &Path) -> Result<Vec<(String, String, i32)>, CorpusError
                 slot.insert((number, score));
             }
         }
-        qrels.push((query_id, doc_id, score));
+        qrels.push(Judgement {
+            query_id,
+            doc_id,
+            grade: score,
+            line: number,
+        });
     }
     if qrels.is_empty() {
         return Err(CorpusError::NoRecords {

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod corpus;
+pub mod dataset;
 pub mod embedder;
 pub mod encode;
 pub mod metrics;
