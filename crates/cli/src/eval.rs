@@ -34,6 +34,37 @@ const QUERY_CHUNK: usize = 16;
 const MINILM_BATCH: usize = 32;
 const MINILM_IDS_FILE: &str = "doc_ids.json";
 
+/// Which retriever ranks the corpus, and how (shared by `eval` and `mine-negatives`).
+#[derive(Args, Debug)]
+pub struct RetrieverArgs {
+    /// Retriever: an LLM (fetched name, GGUF file or HF directory), `bm25` (tantivy) or
+    /// `minilm` (all-MiniLM-L6-v2 through candle).
+    #[arg(long, short, default_value = "smollm2")]
+    pub model: String,
+    #[command(flatten)]
+    pub embed: EmbedArgs,
+    /// Let the model reason about each query before embedding it (LLM retrievers only).
+    #[arg(long)]
+    pub reason: bool,
+    /// Keep the corpus vectors here: reused when model, adapter, templates, truncation and
+    /// corpus match; built here otherwise (an index of another model is refused, not replaced).
+    #[arg(long)]
+    pub index: Option<PathBuf>,
+    /// Documents retrieved per query.
+    #[arg(long, default_value_t = 100)]
+    pub depth: usize,
+    /// Document truncation for LLM retrievers, in tokens of text.
+    #[arg(long, default_value_t = 512)]
+    pub max_doc_tokens: usize,
+    /// Padded tokens per forward batch when encoding documents.
+    #[arg(long, default_value_t = 4096)]
+    pub batch_tokens: usize,
+    /// Index kind built for LLM retrievers: `exact` (default: measures the embedder alone) or
+    /// `hnsw`.
+    #[arg(long, default_value = "exact", value_parser = crate::retrieval::parse_kind)]
+    pub kind: IndexKind,
+}
+
 /// `search-r3 eval`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -43,19 +74,8 @@ pub struct EvalArgs {
     /// Which qrels split to evaluate.
     #[arg(long, default_value = "test")]
     split: String,
-    /// Retriever: an LLM (fetched name, GGUF file or HF directory), `bm25` (tantivy) or
-    /// `minilm` (all-MiniLM-L6-v2 through candle).
-    #[arg(long, short, default_value = "smollm2")]
-    model: String,
     #[command(flatten)]
-    embed: EmbedArgs,
-    /// Let the model reason about each query before embedding it (LLM retrievers only).
-    #[arg(long)]
-    reason: bool,
-    /// Keep the corpus vectors here: reused when model, adapter, templates, truncation and
-    /// corpus match; built here otherwise (an index of another model is refused, not replaced).
-    #[arg(long)]
-    index: Option<PathBuf>,
+    r: RetrieverArgs,
     /// Write the results (metrics, configuration, timings) as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -68,19 +88,6 @@ pub struct EvalArgs {
     /// The RRF constant k in Σ 1/(k + rank).
     #[arg(long, default_value_t = RRF_K)]
     rrf_k: f64,
-    /// Documents retrieved per query.
-    #[arg(long, default_value_t = 100)]
-    depth: usize,
-    /// Document truncation for LLM retrievers, in tokens of text.
-    #[arg(long, default_value_t = 512)]
-    max_doc_tokens: usize,
-    /// Padded tokens per forward batch when encoding documents.
-    #[arg(long, default_value_t = 4096)]
-    batch_tokens: usize,
-    /// Index kind built for LLM retrievers: `exact` (default: measures the embedder alone) or
-    /// `hnsw`.
-    #[arg(long, default_value = "exact", value_parser = crate::retrieval::parse_kind)]
-    kind: IndexKind,
     /// Evaluate a seeded random subset of this many queries.
     #[arg(long)]
     max_queries: Option<usize>,
@@ -97,10 +104,10 @@ pub struct EvalArgs {
 }
 
 /// One retriever's ranking of every query, and what produced it.
-struct Retrieved {
-    run: Run,
-    config: Map<String, Value>,
-    timings: Map<String, Value>,
+pub(crate) struct Retrieved {
+    pub run: Run,
+    pub config: Map<String, Value>,
+    pub timings: Map<String, Value>,
 }
 
 fn progress(len: usize, what: &str) -> ProgressBar {
@@ -256,7 +263,12 @@ fn minilm_run(ds: &BeirSplit, depth: usize, cache: Option<&Path>) -> Result<Retr
     })
 }
 
-fn llm_run(spec: &str, a: &EvalArgs, ds: &BeirSplit, cache: Option<&Path>) -> Result<Retrieved> {
+fn llm_run(
+    spec: &str,
+    a: &RetrieverArgs,
+    ds: &BeirSplit,
+    cache: Option<&Path>,
+) -> Result<Retrieved> {
     let opts = a.embed.options(Some(a.max_doc_tokens));
     let tmp;
     let mut encode_s = None;
@@ -394,7 +406,13 @@ fn llm_run(spec: &str, a: &EvalArgs, ds: &BeirSplit, cache: Option<&Path>) -> Re
     })
 }
 
-fn retrieve(name: &str, a: &EvalArgs, ds: &BeirSplit, cache: Option<&Path>) -> Result<Retrieved> {
+/// Ranks the corpus of `ds` for each of its queries with the retriever called `name`.
+pub(crate) fn retrieve(
+    name: &str,
+    a: &RetrieverArgs,
+    ds: &BeirSplit,
+    cache: Option<&Path>,
+) -> Result<Retrieved> {
     match name {
         "bm25" => bm25_run(ds, a.depth),
         "minilm" => minilm_run(ds, a.depth, cache),
@@ -405,8 +423,8 @@ fn retrieve(name: &str, a: &EvalArgs, ds: &BeirSplit, cache: Option<&Path>) -> R
 /// Runs `search-r3 eval`.
 pub fn eval(a: &EvalArgs) -> Result<()> {
     let t0 = Instant::now();
-    if a.reason && matches!(a.model.as_str(), "bm25" | "minilm") {
-        bail!("--reason needs an LLM retriever, not `{}`", a.model);
+    if a.r.reason && matches!(a.r.model.as_str(), "bm25" | "minilm") {
+        bail!("--reason needs an LLM retriever, not `{}`", a.r.model);
     }
     let mut ds = load_split(&a.dataset, &a.split, &ReadOptions::default())
         .with_context(|| format!("loading {} split `{}`", a.dataset.display(), a.split))?;
@@ -430,7 +448,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         ds.corpus.len()
     );
 
-    let primary = retrieve(&a.model, a, &ds, a.index.as_deref())?;
+    let primary = retrieve(&a.r.model, &a.r, &ds, a.r.index.as_deref())?;
     let mut config = primary.config;
     let mut timings = primary.timings;
     let run = match &a.fuse {
@@ -439,7 +457,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             let second = if Path::new(other).is_file() {
                 read_run(Path::new(other)).with_context(|| format!("reading run {other}"))?
             } else {
-                let r = retrieve(other, a, &ds, None)?;
+                let r = retrieve(other, &a.r, &ds, None)?;
                 timings.insert("fuse".into(), Value::Object(r.timings));
                 config.insert("fuse_config".into(), Value::Object(r.config));
                 r.run
@@ -448,7 +466,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
                 "fuse".into(),
                 json!({"with": other, "method": "rrf", "k": a.rrf_k}),
             );
-            fuse_rrf(&[&primary.run, &second], a.rrf_k, a.depth)
+            fuse_rrf(&[&primary.run, &second], a.rrf_k, a.r.depth)
         }
     };
     let ev = evaluate(&ds.qrels, &run);
@@ -463,8 +481,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     if let Some(path) = &a.run {
         let tag = format!(
             "search-r3-{}{}",
-            a.model.replace(char::is_whitespace, "_"),
-            if a.reason { "-reason" } else { "" }
+            a.r.model.replace(char::is_whitespace, "_"),
+            if a.r.reason { "-reason" } else { "" }
         );
         write_run(path, &run, &tag).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
@@ -474,7 +492,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         json.insert("docs".into(), json!(ds.corpus.len()));
         config.insert("dataset".into(), json!(a.dataset.display().to_string()));
         config.insert("split".into(), json!(a.split));
-        config.insert("depth".into(), json!(a.depth));
+        config.insert("depth".into(), json!(a.r.depth));
         config.insert(
             "subset".into(),
             json!({"max_queries": a.max_queries, "max_docs": a.max_docs, "seed": a.seed}),

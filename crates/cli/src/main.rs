@@ -4,6 +4,7 @@
 
 mod bench;
 mod eval;
+mod mine;
 mod retrieval;
 mod score;
 
@@ -54,6 +55,9 @@ enum Cmd {
     /// Evaluate a retriever (an LLM, `bm25` or `minilm`) on a BEIR split: nDCG, recall, MRR,
     /// MAP, P@10 as trec_eval computes them, a TREC run file and results.json.
     Eval(eval::EvalArgs),
+    /// Build stage-1 training triples from a BEIR split, with hard negatives mined from a
+    /// retriever's ranking (relevant documents excluded).
+    MineNegatives(mine::MineArgs),
 }
 
 #[derive(Subcommand)]
@@ -224,6 +228,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(a) => retrieval::demo(&a)?,
         Cmd::Score(a) => score::score(&a)?,
         Cmd::Eval(a) => eval::eval(&a)?,
+        Cmd::MineNegatives(a) => mine::mine(&a)?,
     }
     Ok(())
 }

@@ -303,3 +303,63 @@ fn minilm_on_scifact_matches_sentence_transformers_figure() {
     assert!((ndcg - 0.645).abs() <= 0.005, "MiniLM nDCG@10 {ndcg}");
     assert!((r["recall@100"].as_f64().unwrap() - 0.925).abs() <= 0.01);
 }
+
+#[test]
+fn mined_negatives_exclude_relevant_documents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_dataset(&data);
+    let out = tmp.path().join("triples.jsonl");
+    let (ok, _, stderr) = run(&[
+        "mine-negatives",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--split",
+        "test",
+        "--model",
+        "bm25",
+        "--count",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "one example per judged query");
+    for t in &lines {
+        let pos: Vec<&str> = t["pos_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        // Empty lists are left out of the JSON.
+        let neg = t["neg_ids"].as_array().cloned().unwrap_or_default();
+        assert!(neg.len() <= 2);
+        assert!(
+            neg.iter().all(|n| !pos.contains(&n.as_str().unwrap())),
+            "{t}"
+        );
+        let texts = t["neg"].as_array().cloned().unwrap_or_default();
+        assert_eq!(texts.len(), neg.len());
+    }
+    // q3's only relevant doc is d3; d4 is judged non-relevant (grade 0) and stays eligible.
+    let q3 = lines.iter().find(|t| t["query_id"] == "q3").unwrap();
+    assert_eq!(q3["pos_ids"], serde_json::json!(["d3"]));
+
+    let (ok, _, stderr) = run(&[
+        "mine-negatives",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--model",
+        "bm25",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok, "the tiny dataset has no train split");
+    assert!(stderr.contains("no split `train`"), "{stderr}");
+}

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod searcher;
 pub mod templates;
 pub mod trec;
+pub mod triples;
 
 pub use embedder::{Embedder, QueryEmbedding, QueryMode};
 pub use templates::Templates;
