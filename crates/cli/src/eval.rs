@@ -121,6 +121,20 @@ fn progress(len: usize, what: &str) -> ProgressBar {
     pb
 }
 
+/// Fails before any encoding when `dir` exists, is not empty and is not an index: the save at
+/// the end would refuse it anyway, after minutes of work.
+fn check_cache_dir(dir: &Path) -> Result<()> {
+    let not_empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+    if not_empty && read_meta(dir).is_err() {
+        bail!(
+            "--index {}: the directory exists and does not hold a readable index; pass an \
+             empty or new directory",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn query_texts(ds: &BeirSplit) -> Vec<&str> {
     ds.queries.iter().map(|(_, t)| t.as_str()).collect()
 }
@@ -413,6 +427,9 @@ pub(crate) fn retrieve(
     ds: &BeirSplit,
     cache: Option<&Path>,
 ) -> Result<Retrieved> {
+    if let Some(dir) = cache {
+        check_cache_dir(dir)?;
+    }
     match name {
         "bm25" => bm25_run(ds, a.depth),
         "minilm" => minilm_run(ds, a.depth, cache),

@@ -186,6 +186,20 @@ fn dataset_errors_name_the_file_and_line() {
     let (ok, _, stderr) = run(&["eval", "--dataset", d, "--model", "bm25", "--reason"]);
     assert!(!ok);
     assert!(stderr.contains("--reason needs an LLM"), "{stderr}");
+
+    // A directory that is not an index is refused before any encoding, never overwritten.
+    std::fs::write(
+        data.join("qrels/test.tsv"),
+        "query-id\tcorpus-id\tscore\nq1\td1\t1\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = run(&["eval", "--dataset", d, "--model", "minilm", "--index", d]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("does not hold a readable index"),
+        "{stderr}"
+    );
+    assert!(data.join("corpus.jsonl").is_file());
 }
 
 /// BRIEF §4: bm25s (Lucene scoring, stemming, English stop words) gets nDCG@10 0.686 on the
