@@ -1,0 +1,21 @@
+//! Training for search-r3.
+//!
+//! * [`losses`] — the stage-1 (SFT) objective `L = λ_ce·L_CE + λ_kl·L_KL + λ_nce·L_InfoNCE +
+//!   λ_tri·L_triplet`, plus the k3 KL estimator and per-token log-probabilities that the GRPO
+//!   stage needs. Every term is built only from candle ops that record a backward op (see
+//!   BRIEF §4: fused kernels drop gradients silently).
+//! * [`optim`] — warmup + cosine learning-rate schedule, global-norm gradient clipping,
+//!   gradient accumulation over micro-batches, and an AdamW whose moments can be saved and
+//!   restored bit-exactly for resumable runs.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod losses;
+pub mod optim;
+
+pub use error::{Error, Result};
+pub use losses::{
+    cross_entropy, info_nce, kl_k3, kl_to_reference, token_log_probs, triplet, LossTerms,
+    SftLossConfig,
+};
+pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule, ADAMW_PREFIX};
