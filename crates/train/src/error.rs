@@ -23,6 +23,9 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The model runtime rejected a batch or failed in a forward pass.
+    #[error("model: {0}")]
+    Model(#[from] search_r3_model::Error),
     /// I/O failure with the path that caused it.
     #[error("{}: {msg}", path.display())]
     File {

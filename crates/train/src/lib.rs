@@ -7,11 +7,14 @@
 //! * [`optim`] — warmup + cosine learning-rate schedule, global-norm gradient clipping,
 //!   gradient accumulation over micro-batches, and an AdamW whose moments can be saved and
 //!   restored bit-exactly for resumable runs.
+//! * [`sft`] — one stage-1 gradient over a batch of queries and documents, with gradient
+//!   caching (GradCache) so in-batch InfoNCE over many documents fits in CPU memory.
 #![warn(missing_docs)]
 
 pub mod error;
 pub mod losses;
 pub mod optim;
+pub mod sft;
 
 pub use error::{Error, Result};
 pub use losses::{
@@ -19,3 +22,4 @@ pub use losses::{
     SftLossConfig,
 };
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule, ADAMW_PREFIX};
+pub use sft::{sft_gradients, SftBatch, SftExample, StepOutput};
