@@ -7,6 +7,7 @@ mod eval;
 mod mine;
 mod retrieval;
 mod score;
+mod train;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -58,6 +59,9 @@ enum Cmd {
     /// Build stage-1 training triples from a BEIR split, with hard negatives mined from a
     /// retriever's ranking (relevant documents excluded).
     MineNegatives(mine::MineArgs),
+    /// Train Search-R3 adapters (`train sft`: stage 1, contrastive SFT with LoRA).
+    #[command(subcommand)]
+    Train(train::TrainCmd),
 }
 
 #[derive(Subcommand)]
@@ -229,6 +233,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Score(a) => score::score(&a)?,
         Cmd::Eval(a) => eval::eval(&a)?,
         Cmd::MineNegatives(a) => mine::mine(&a)?,
+        Cmd::Train(c) => train::run(&c)?,
     }
     Ok(())
 }

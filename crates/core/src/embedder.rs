@@ -108,6 +108,13 @@ impl Embedder {
             &t.document.assistant,
         )?;
         let query = prompt_parts(tok, &t.query.system, &t.query.user, &t.query.assistant)?;
+        if query.assistant_len == 0 || query.assistant_len > query.suffix.len() {
+            return Err(TemplateError::File {
+                path: "<templates>".into(),
+                msg: "query prompt: the assistant text tokenizes to an empty span".into(),
+            }
+            .into());
+        }
         let reason = prompt_parts(tok, &t.reason.system, &t.reason.user, "")?;
         let forced_suffix = tok.encode(&t.reason.suffix)?;
         let forced_sentence = t
@@ -171,6 +178,29 @@ impl Embedder {
     /// The prompt ids of a query in direct mode.
     pub fn query_prompt(&self, query: &str) -> Result<Vec<u32>, EmbedError> {
         Ok(join(&self.query, &self.model.tokenizer.encode(query)?))
+    }
+
+    /// The direct-mode query prompt for stage-1 training, and the index of its first
+    /// assistant-response token (`The` of `The embedding is <|embed_token|>`): the span from
+    /// there to the end is what the cross-entropy and KL terms are computed on.
+    pub fn query_training_prompt(&self, query: &str) -> Result<(Vec<u32>, usize), EmbedError> {
+        let (ids, start, _) = self.query_training_prompt_limited(query, usize::MAX)?;
+        Ok((ids, start))
+    }
+
+    /// [`Embedder::query_training_prompt`] with the query text cut to `max_text_tokens`
+    /// tokens; the third value says whether it was cut.
+    pub fn query_training_prompt_limited(
+        &self,
+        query: &str,
+        max_text_tokens: usize,
+    ) -> Result<(Vec<u32>, usize, bool), EmbedError> {
+        let mut body = self.model.tokenizer.encode(query)?;
+        let truncated = body.len() > max_text_tokens;
+        body.truncate(max_text_tokens);
+        let ids = join(&self.query, &body);
+        let start = ids.len() - self.query.assistant_len;
+        Ok((ids, start, truncated))
     }
 
     /// Embeds prompts that each end with `<|embed_token|>`, in left-padded batches of at most

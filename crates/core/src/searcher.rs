@@ -101,7 +101,8 @@ pub fn model_sha256(loaded: &LoadedModel) -> Result<String, SearchError> {
 /// Options for loading the embedder.
 #[derive(Debug, Clone, Default)]
 pub struct EmbedderOptions {
-    /// Trainable-state file (LoRA + embed-token rows) to apply.
+    /// Trainable-state file (LoRA + embed-token rows) to apply, or a `train sft` output
+    /// directory (its `adapter.safetensors`).
     pub adapter: Option<PathBuf>,
     /// Template file overriding the built-in one for the model's family.
     pub templates: Option<PathBuf>,
@@ -117,8 +118,14 @@ pub fn load_embedder(
     let mut loaded = load_model(spec, &LoadOptions::default())?;
     let adapter = match &opts.adapter {
         Some(p) => {
-            state::load_trainable(&mut loaded.model, p)?;
-            Some(sha256_file(p)?)
+            // A training run's directory stands for its shipped adapter.
+            let file = if p.is_dir() {
+                p.join("adapter.safetensors")
+            } else {
+                p.clone()
+            };
+            state::load_trainable(&mut loaded.model, &file)?;
+            Some(sha256_file(&file)?)
         }
         None => None,
     };

@@ -146,6 +146,12 @@ pub struct PromptParts {
     pub prefix: Vec<u32>,
     /// Token ids after the text (for embedding prompts, ending at `<|embed_token|>`).
     pub suffix: Vec<u32>,
+    /// How many tokens at the end of `suffix` belong to the assistant text (the response a
+    /// model is trained to write, e.g. `The embedding is <|embed_token|>`). Measured by
+    /// tokenizing the rendered suffix with and without the assistant text: every token from the
+    /// first one that differs is counted, so a token merged across the boundary belongs to the
+    /// span. 0 when the assistant text is empty.
+    pub assistant_len: usize,
 }
 
 const PLACEHOLDER: &str = "\u{2063}SEARCH_R3_TEXT\u{2063}";
@@ -170,9 +176,23 @@ pub fn prompt_parts(
             path: "<chat template>".into(),
             msg: "the model's chat template dropped the user message".into(),
         })?;
+    let suffix = tok.encode(after)?;
+    let assistant_len = if assistant.is_empty() {
+        0
+    } else {
+        let header = after.strip_suffix(assistant).unwrap_or(after);
+        let without = tok.encode(header)?;
+        let common = suffix
+            .iter()
+            .zip(&without)
+            .take_while(|(a, b)| a == b)
+            .count();
+        suffix.len() - common
+    };
     Ok(PromptParts {
         prefix: tok.encode(before)?,
-        suffix: tok.encode(after)?,
+        suffix,
+        assistant_len,
     })
 }
 

@@ -106,3 +106,25 @@ fn reasoning_mode_embeds_what_the_model_wrote() {
         assert!(max_diff(&q.vector, &d[i].vector) > 1e-3);
     }
 }
+
+#[test]
+fn query_training_prompt_marks_the_assistant_span() {
+    let Some(e) = embedder() else { return };
+    let q = "Does vitamin D prevent fractures?";
+    let (ids, start) = e.query_training_prompt(q).unwrap();
+    // Same ids as the embedding prompt, and the span decodes to the template's assistant text.
+    assert_eq!(ids, e.query_prompt(q).unwrap());
+    let tok = &e.model.tokenizer;
+    let span = tok.decode(&ids[start..], false).unwrap();
+    assert_eq!(span.trim(), e.templates.query.assistant.trim());
+    // Everything before the span is the rendered conversation with the generation prompt.
+    let before = tok.decode(&ids[..start], false).unwrap();
+    assert!(
+        before.contains(q) && !before.contains("The embedding is"),
+        "{before}"
+    );
+    let (cut, start_cut, truncated) = e.query_training_prompt_limited(q, 3).unwrap();
+    assert!(truncated);
+    assert_eq!(cut.len() - start_cut, ids.len() - start);
+    assert_eq!(&cut[start_cut..], &ids[start..]);
+}

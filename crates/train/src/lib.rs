@@ -9,12 +9,16 @@
 //!   restored bit-exactly for resumable runs.
 //! * [`sft`] — one stage-1 gradient over a batch of queries and documents, with gradient
 //!   caching (GradCache) so in-batch InfoNCE over many documents fits in CPU memory.
+//! * [`trainer`] — the stage-1 loop: seeded data order, batches, accumulation, clipping,
+//!   AdamW, `metrics.jsonl`, atomic checksummed checkpoints with exact resume, eval hooks, and
+//!   the final adapter + manifest.
 #![warn(missing_docs)]
 
 pub mod error;
 pub mod losses;
 pub mod optim;
 pub mod sft;
+pub mod trainer;
 
 pub use error::{Error, Result};
 pub use losses::{
@@ -23,3 +27,7 @@ pub use losses::{
 };
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule, ADAMW_PREFIX};
 pub use sft::{sft_gradients, SftBatch, SftExample, StepOutput};
+pub use trainer::{
+    embed_sequences, train_sft, BestEval, EvalHook, LoraSection, SftConfig, TrainData,
+    TrainOptions, TrainQuery, TrainSummary,
+};

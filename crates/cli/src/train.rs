@@ -1,0 +1,350 @@
+//! `search-r3 train sft`: stage-1 training (LoRA + `<|embed_token|>` row) on a BEIR split's
+//! judgements or a triples JSONL file.
+//!
+//! The flow: load the model and templates → read the examples (`--triples` or the split's
+//! qrels; a query without a positive is an error) → shuffle them with the config's seed, cut to
+//! `--max-queries`, hold out `eval_queries` of them → tokenize every prompt once (a document
+//! shared by several queries is tokenized and stored once) → [`train_sft`] with an eval hook
+//! that scores nDCG@10 of the held-out queries against a small corpus built from the examples'
+//! documents (the held-out queries' positives and negatives plus others up to `eval_docs`). The
+//! held-out queries come from the training data itself: test judgements are never read.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use search_r3_core::corpus::ReadOptions;
+use search_r3_core::dataset::load_split;
+use search_r3_core::embedder::Embedder;
+use search_r3_core::metrics::evaluate_query;
+use search_r3_core::searcher::{load_embedder, EmbedderOptions};
+use search_r3_core::triples::{read_triples, triples_from_split, Triple};
+use search_r3_model::Model;
+use search_r3_train::{
+    embed_sequences, train_sft, EvalHook, SftConfig, TrainData, TrainOptions, TrainQuery,
+};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// `search-r3 train ...`.
+#[derive(Subcommand, Debug)]
+pub enum TrainCmd {
+    /// Stage 1: contrastive SFT (CE + KL + InfoNCE + triplet) of LoRA adapters and the
+    /// embed-token row; writes OUT/adapter.safetensors and OUT/manifest.json.
+    Sft(SftArgs),
+}
+
+/// `search-r3 train sft`.
+#[derive(Args, Debug)]
+pub struct SftArgs {
+    /// A fetched name (smollm2, qwen2.5-coder-0.5b), a .gguf file, or an HF model directory.
+    #[arg(long, short, default_value = "smollm2")]
+    model: String,
+    /// BEIR dataset directory whose split's judgements are the training examples (not needed
+    /// with --triples).
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// The split to train on.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Triples JSONL (`{"query", "pos": [...], "neg": [...]}`, e.g. from `mine-negatives`)
+    /// instead of the split's judgements.
+    #[arg(long)]
+    triples: Option<PathBuf>,
+    /// Output directory (checkpoints, metrics.jsonl, adapter.safetensors, manifest.json).
+    #[arg(long)]
+    out: PathBuf,
+    /// Training config (TOML); every key is optional, unknown keys are errors.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue from OUT/checkpoint (same config and data required).
+    #[arg(long)]
+    resume: bool,
+    /// Use at most this many examples (after the seeded shuffle, before the held-out split).
+    #[arg(long)]
+    max_queries: Option<usize>,
+    /// Prompt templates (TOML) instead of the built-in ones for the model family.
+    #[arg(long)]
+    templates: Option<PathBuf>,
+}
+
+/// nDCG@10 of held-out queries over a small corpus, with the model being trained.
+struct HeldOut {
+    queries: Vec<Vec<u32>>,
+    judgments: Vec<HashMap<String, i32>>,
+    docs: Vec<Vec<u32>>,
+    doc_ids: Vec<String>,
+    pad_id: u32,
+    budget: usize,
+}
+
+impl EvalHook for HeldOut {
+    fn evaluate(&mut self, model: &Model, _step: usize) -> search_r3_train::Result<f64> {
+        let d = embed_sequences(model, &self.docs, self.pad_id, self.budget)?;
+        let q = embed_sequences(model, &self.queries, self.pad_id, self.budget)?;
+        let mut total = 0.0;
+        for (qv, judged) in q.iter().zip(&self.judgments) {
+            let hits: Vec<(String, f64)> = d
+                .iter()
+                .zip(&self.doc_ids)
+                .map(|(dv, id)| {
+                    let s: f32 = qv.iter().zip(dv).map(|(a, b)| a * b).sum();
+                    (id.clone(), s as f64)
+                })
+                .collect();
+            total += evaluate_query(judged, &hits)
+                .get("ndcg@10")
+                .copied()
+                .unwrap_or(0.0);
+        }
+        Ok(total / self.queries.len().max(1) as f64)
+    }
+}
+
+/// Document table: prompts tokenized once, keyed by document id (or text when ids are absent).
+struct DocTable<'a> {
+    embedder: &'a Embedder,
+    index: HashMap<String, usize>,
+    keys: Vec<String>,
+    prompts: Vec<Vec<u32>>,
+    truncated: usize,
+}
+
+impl DocTable<'_> {
+    fn add(&mut self, key: String, text: &str) -> Result<usize> {
+        if let Some(&i) = self.index.get(&key) {
+            return Ok(i);
+        }
+        let p = self.embedder.document_prompt(text)?;
+        self.truncated += p.truncated as usize;
+        self.prompts.push(p.ids);
+        self.keys.push(key.clone());
+        self.index.insert(key, self.prompts.len() - 1);
+        Ok(self.prompts.len() - 1)
+    }
+
+    /// Indices of a triple's positives and negatives.
+    fn add_triple(&mut self, t: &Triple) -> Result<(Vec<usize>, Vec<usize>)> {
+        let key = |ids: &[String], texts: &[String], k: usize| -> String {
+            if ids.len() == texts.len() {
+                format!("id:{}", ids[k])
+            } else {
+                format!("text:{}", texts[k])
+            }
+        };
+        let mut pos = Vec::new();
+        for (k, text) in t.pos.iter().enumerate() {
+            pos.push(self.add(key(&t.pos_ids, &t.pos, k), text)?);
+        }
+        let mut neg = Vec::new();
+        for (k, text) in t.neg.iter().enumerate() {
+            let j = self.add(key(&t.neg_ids, &t.neg, k), text)?;
+            if !pos.contains(&j) && !neg.contains(&j) {
+                neg.push(j);
+            }
+        }
+        Ok((pos, neg))
+    }
+}
+
+/// Runs `search-r3 train ...`.
+pub fn run(cmd: &TrainCmd) -> Result<()> {
+    match cmd {
+        TrainCmd::Sft(a) => sft(a),
+    }
+}
+
+fn sft(a: &SftArgs) -> Result<()> {
+    let cfg = match &a.config {
+        Some(p) => SftConfig::from_file(p)?,
+        None => SftConfig::default(),
+    };
+    let started = std::time::Instant::now();
+    // Examples first: a bad dataset fails before the model is loaded.
+    let (mut triples, source) = match (&a.triples, &a.dataset) {
+        (Some(path), _) => {
+            let t = read_triples(path)?;
+            let sha = sha256_file(path)?;
+            (
+                t,
+                serde_json::json!({"triples": path.display().to_string(), "triples_sha256": sha}),
+            )
+        }
+        (None, Some(dir)) => {
+            let ds = load_split(dir, &a.split, &ReadOptions::default())
+                .with_context(|| format!("loading {} split `{}`", dir.display(), a.split))?;
+            let t = triples_from_split(&ds)?;
+            (
+                t,
+                serde_json::json!({"dataset": dir.display().to_string(), "split": a.split}),
+            )
+        }
+        (None, None) => bail!("give --dataset DIR (with --split) or --triples FILE"),
+    };
+    if triples.is_empty() {
+        bail!("no training examples");
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    triples.shuffle(&mut rng);
+    if let Some(m) = a.max_queries {
+        triples.truncate(m);
+    }
+    let held = if triples.len() >= cfg.eval_queries + cfg.queries_per_batch {
+        cfg.eval_queries
+    } else {
+        eprintln!(
+            "warning: {} examples are too few to hold out {} for evaluation; no eval",
+            triples.len(),
+            cfg.eval_queries
+        );
+        0
+    };
+
+    let (mut embedder, identity) = load_embedder(
+        &a.model,
+        &EmbedderOptions {
+            adapter: None,
+            templates: a.templates.clone(),
+            max_doc_tokens: Some(cfg.max_doc_tokens),
+        },
+    )
+    .with_context(|| format!("loading model `{}`", a.model))?;
+    let pad_id = embedder.model.tokenizer.pad_id;
+
+    // Tokenize.
+    let mut table = DocTable {
+        embedder: &embedder,
+        index: HashMap::new(),
+        keys: Vec::new(),
+        prompts: Vec::new(),
+        truncated: 0,
+    };
+    let mut queries = Vec::new();
+    let mut eval_q = Vec::new();
+    let mut eval_judged = Vec::new();
+    let mut eval_docs: Vec<usize> = Vec::new();
+    let mut query_truncated = 0;
+    for (i, t) in triples.iter().enumerate() {
+        let (ids, assistant_start, cut) = embedder
+            .query_training_prompt_limited(&t.query, cfg.max_query_tokens)
+            .context("tokenizing a query")?;
+        query_truncated += cut as usize;
+        let (positives, negatives) = table.add_triple(t)?;
+        if i < held {
+            eval_q.push(ids);
+            eval_judged.push(
+                positives
+                    .iter()
+                    .map(|&j| (table.keys[j].clone(), 1))
+                    .collect::<HashMap<_, _>>(),
+            );
+            eval_docs.extend(positives.iter().chain(&negatives));
+        } else {
+            queries.push(TrainQuery {
+                ids,
+                assistant_start,
+                positives,
+                negatives,
+            });
+        }
+    }
+    let (doc_keys, docs, doc_truncated) = (table.keys, table.prompts, table.truncated);
+    eprintln!(
+        "{} training queries, {} held out, {} documents ({} truncated to {} tokens, {} queries to {})",
+        queries.len(),
+        held,
+        docs.len(),
+        doc_truncated,
+        cfg.max_doc_tokens,
+        query_truncated,
+        cfg.max_query_tokens
+    );
+    let mut hook = None;
+    if held > 0 {
+        eval_docs.sort_unstable();
+        eval_docs.dedup();
+        let mut others: Vec<usize> = (0..docs.len())
+            .filter(|j| eval_docs.binary_search(j).is_err())
+            .collect();
+        others.shuffle(&mut rng);
+        let room = cfg.eval_docs.saturating_sub(eval_docs.len());
+        eval_docs.extend(others.into_iter().take(room));
+        hook = Some(HeldOut {
+            queries: eval_q,
+            judgments: eval_judged,
+            docs: eval_docs.iter().map(|&j| docs[j].clone()).collect(),
+            doc_ids: eval_docs.iter().map(|&j| doc_keys[j].clone()).collect(),
+            pad_id,
+            budget: cfg.micro_tokens.max(512),
+        });
+        eprintln!(
+            "eval: nDCG@10 of {held} held-out training queries over {} documents",
+            eval_docs.len()
+        );
+    }
+    let data = TrainData {
+        queries,
+        docs,
+        pad_id,
+    };
+
+    let mut adapter_metadata = HashMap::new();
+    adapter_metadata.insert("base_model".into(), embedder.model.id.clone());
+    adapter_metadata.insert("base_model_sha256".into(), identity.sha256.clone());
+    adapter_metadata.insert("template_hash".into(), identity.template_hash.clone());
+    let mut manifest = serde_json::Map::new();
+    manifest.insert(
+        "base_model".into(),
+        serde_json::json!({"spec": a.model, "id": embedder.model.id, "sha256": identity.sha256}),
+    );
+    manifest.insert("templates_hash".into(), identity.template_hash.into());
+    manifest.insert(
+        "templates".into(),
+        serde_json::to_value(&embedder.templates)?,
+    );
+    manifest.insert("source".into(), source);
+    manifest.insert(
+        "held_out".into(),
+        serde_json::json!({"queries": held, "docs": hook.as_ref().map_or(0, |h| h.docs.len())}),
+    );
+    manifest.insert(
+        "truncated".into(),
+        serde_json::json!({"docs": doc_truncated, "queries": query_truncated}),
+    );
+    manifest.insert(
+        "command_line".into(),
+        std::env::args().collect::<Vec<_>>().join(" ").into(),
+    );
+    let opts = TrainOptions {
+        out: a.out.clone(),
+        resume: a.resume,
+        progress: true,
+        stop_after: None,
+        adapter_metadata,
+        manifest,
+    };
+    let summary = train_sft(
+        &mut embedder.model.model,
+        &data,
+        &cfg,
+        &opts,
+        hook.as_mut().map(|h| h as &mut dyn EvalHook),
+    )?;
+    eprintln!(
+        "done: {} steps in {:.0}s ({} skipped); best eval {}; adapter {}",
+        summary.step,
+        started.elapsed().as_secs_f64(),
+        summary.skipped_steps,
+        summary
+            .best
+            .map_or("-".into(), |b| format!("{:.4} at step {}", b.score, b.step)),
+        a.out.join("adapter.safetensors").display()
+    );
+    Ok(())
+}
+
+fn sha256_file(path: &std::path::Path) -> Result<String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hex::encode(sha2::Sha256::digest(bytes)))
+}

@@ -1,0 +1,181 @@
+//! `search-r3 train sft` as a user runs it: bad input fails early with a clear message, and a
+//! tiny run on the real default model writes an adapter that `eval --adapter` accepts, resumes,
+//! and detects a corrupted checkpoint (the model case is skipped locally when it is absent).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_search-r3"))
+        .args(args)
+        .output()
+        .expect("run search-r3");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn scifact() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/scifact")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A BEIR directory whose `train` split has query q2 judged only with grade 0.
+fn tiny_beir(dir: &Path) {
+    std::fs::create_dir_all(dir.join("qrels")).unwrap();
+    std::fs::write(
+        dir.join("corpus.jsonl"),
+        "{\"_id\": \"d1\", \"title\": \"\", \"text\": \"one\"}\n{\"_id\": \"d2\", \"title\": \"\", \"text\": \"two\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("queries.jsonl"),
+        "{\"_id\": \"q1\", \"text\": \"first\"}\n{\"_id\": \"q2\", \"text\": \"second\"}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("qrels/train.tsv"),
+        "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t0\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let sf = scifact();
+    let (ok, err) = run(&[
+        "train",
+        "sft",
+        "--dataset",
+        s(&sf),
+        "--split",
+        "dev",
+        "--out",
+        s(&out),
+    ]);
+    assert!(!ok && err.contains("dev") && err.contains("train"), "{err}");
+
+    let beir = dir.path().join("beir");
+    tiny_beir(&beir);
+    let (ok, err) = run(&["train", "sft", "--dataset", s(&beir), "--out", s(&out)]);
+    assert!(
+        !ok && err.contains("q2") && err.contains("positive"),
+        "{err}"
+    );
+
+    let cfg = dir.path().join("sft.toml");
+    std::fs::write(&cfg, "steps = 3\nlearning_rate = 1e-3\n").unwrap();
+    let (ok, err) = run(&[
+        "train",
+        "sft",
+        "--dataset",
+        s(&sf),
+        "--out",
+        s(&out),
+        "--config",
+        s(&cfg),
+    ]);
+    assert!(
+        !ok && err.contains("sft.toml") && err.contains("learning_rate"),
+        "{err}"
+    );
+
+    let (ok, err) = run(&["train", "sft", "--out", s(&out)]);
+    assert!(!ok && err.contains("--triples"), "{err}");
+}
+
+#[test]
+fn tiny_run_resumes_and_its_adapter_evaluates() {
+    if search_r3_model::fetch::cached_path("smollm2").is_none() && std::env::var_os("CI").is_none()
+    {
+        eprintln!("SKIP: smollm2 not fetched");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let cfg = dir.path().join("sft.toml");
+    std::fs::write(
+        &cfg,
+        "steps = 2\nwarmup_steps = 1\nqueries_per_batch = 2\ncheckpoint_every = 1\n\
+         eval_every = 1\neval_queries = 2\neval_docs = 8\nmax_doc_tokens = 16\n\
+         max_query_tokens = 16\n[lora]\nrank = 2\n",
+    )
+    .unwrap();
+    let sf = scifact();
+    let base = [
+        "train",
+        "sft",
+        "--dataset",
+        s(&sf),
+        "--out",
+        s(&out),
+        "--config",
+        s(&cfg),
+        "--max-queries",
+        "6",
+    ];
+    let (ok, err) = run(&base);
+    assert!(ok, "{err}");
+    for f in ["adapter.safetensors", "manifest.json", "metrics.jsonl"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["steps"], 2);
+    assert_eq!(manifest["base_model"]["id"], "smollm2");
+    assert!(manifest["base_model"]["sha256"].as_str().unwrap().len() == 64);
+    assert!(manifest["command_line"]
+        .as_str()
+        .unwrap()
+        .contains("train sft"));
+    let evals = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("ndcg@10"))
+        .count();
+    assert_eq!(evals, 2);
+
+    // Starting over on top of a checkpoint is refused; resuming a finished run is a no-op.
+    let (ok, err) = run(&base);
+    assert!(!ok && err.contains("--resume"), "{err}");
+    let mut resume = base.to_vec();
+    resume.push("--resume");
+    let (ok, err) = run(&resume);
+    assert!(ok, "{err}");
+
+    // The adapter (given as the run directory) is usable by eval.
+    let ev = dir.path().join("eval");
+    let (ok, err) = run(&[
+        "eval",
+        "--dataset",
+        s(&sf),
+        "--split",
+        "test",
+        "--adapter",
+        s(&out),
+        "--max-queries",
+        "2",
+        "--max-docs",
+        "10",
+        "--max-doc-tokens",
+        "16",
+        "--out",
+        s(&ev),
+    ]);
+    assert!(ok, "{err}");
+
+    // A flipped byte in the optimizer state is caught on resume, naming the file.
+    let opt = out.join("checkpoint/optimizer.safetensors");
+    let mut bytes = std::fs::read(&opt).unwrap();
+    let k = bytes.len() - 3;
+    bytes[k] ^= 1;
+    std::fs::write(&opt, bytes).unwrap();
+    let (ok, err) = run(&resume);
+    assert!(!ok && err.contains("optimizer.safetensors"), "{err}");
+}
