@@ -2,6 +2,8 @@
 //! gradient check in f64.
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
