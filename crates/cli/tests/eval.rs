@@ -3,34 +3,11 @@
 //! baseline against the brief's bm25s figure. LLM cases need the default model (fetched in CI,
 //! skipped locally when absent).
 
+mod common;
+
+use common::{model_available, run, scifact};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_search-r3"))
-        .args(args)
-        .output()
-        .expect("run search-r3");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn scifact() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/scifact")
-}
-
-fn model_available() -> bool {
-    if search_r3_model::fetch::cached_path("smollm2").is_some() || std::env::var_os("CI").is_some()
-    {
-        return true;
-    }
-    eprintln!("SKIP: smollm2 not fetched");
-    false
-}
+use std::path::Path;
 
 const REQUIRED: [&str; 9] = [
     "ndcg@10",
@@ -229,7 +206,7 @@ fn bm25_on_scifact_is_within_0_03_of_bm25s() {
 
 #[test]
 fn llm_eval_builds_then_reuses_its_index_and_fuses_with_bm25() {
-    if !model_available() {
+    if !model_available("smollm2") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

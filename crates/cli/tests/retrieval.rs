@@ -1,29 +1,11 @@
 //! `index`, `search`, `index add|delete` end to end on the real default model (fetched in CI,
 //! skipped locally when absent).
 
+mod common;
+
+use common::{model_available, run};
 use std::path::Path;
 use std::process::Command;
-
-fn run(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_search-r3"))
-        .args(args)
-        .output()
-        .expect("run search-r3");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn model_available() -> bool {
-    if search_r3_model::fetch::cached_path("smollm2").is_some() || std::env::var_os("CI").is_some()
-    {
-        return true;
-    }
-    eprintln!("SKIP: smollm2 not fetched");
-    false
-}
 
 const DOCS: &[(&str, &str)] = &[
     (
@@ -72,7 +54,7 @@ fn top_ids(json: &str) -> Vec<String> {
 
 #[test]
 fn index_search_add_delete_round_trip() {
-    if !model_available() {
+    if !model_available("smollm2") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -214,7 +196,7 @@ fn malformed_corpus_lines_are_reported_with_line_numbers() {
 /// holds exactly the vectors of an uninterrupted build.
 #[test]
 fn killed_index_build_resumes_to_the_same_index() {
-    if !model_available() {
+    if !model_available("smollm2") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,8 @@
 //! `search-r3 score` on the pytrec_eval fixture and on broken input.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -10,16 +11,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn score(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_search-r3"))
-        .arg("score")
-        .args(args)
-        .output()
-        .expect("run search-r3");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run(&[&["score"], args].concat())
 }
 
 fn close(a: &serde_json::Value, b: &serde_json::Value) -> bool {

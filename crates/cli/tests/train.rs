@@ -2,22 +2,18 @@
 //! tiny run on the real default model writes an adapter that `eval --adapter` accepts, resumes,
 //! and detects a corrupted checkpoint (the model case is skipped locally when it is absent).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::Path;
+
+/// (success, stderr): these cases check messages, not output.
 fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_search-r3"))
-        .args(args)
-        .output()
-        .expect("run search-r3");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (ok, _, err) = common::run(args);
+    (ok, err)
 }
 
-fn scifact() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/scifact")
+fn scifact() -> std::path::PathBuf {
+    common::scifact()
 }
 
 fn s(p: &Path) -> &str {
@@ -92,9 +88,7 @@ fn bad_input_is_a_clear_error() {
 
 #[test]
 fn tiny_run_resumes_and_its_adapter_evaluates() {
-    if search_r3_model::fetch::cached_path("smollm2").is_none() && std::env::var_os("CI").is_none()
-    {
-        eprintln!("SKIP: smollm2 not fetched");
+    if !common::model_available("smollm2") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
