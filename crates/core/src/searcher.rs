@@ -116,6 +116,7 @@ pub fn load_embedder(
     opts: &EmbedderOptions,
 ) -> Result<(Embedder, ModelIdentity), SearchError> {
     let mut loaded = load_model(spec, &LoadOptions::default())?;
+    let sha256 = model_sha256(&loaded)?;
     let adapter = match &opts.adapter {
         Some(p) => {
             // A training run's directory stands for its shipped adapter.
@@ -124,7 +125,22 @@ pub fn load_embedder(
             } else {
                 p.clone()
             };
+            // Shapes alone would accept an adapter trained on another model of the same size.
+            let md = state::read_metadata(&file)?;
+            if let Some(base) = md.get("base_model_sha256").filter(|b| **b != sha256) {
+                return Err(SearchError::Model(search_r3_model::Error::file(
+                    &file,
+                    format!(
+                        "adapter was trained on base model `{}` (sha256 {base}), not on `{spec}` \
+                         (sha256 {sha256})",
+                        md.get("base_model").map(String::as_str).unwrap_or("?")
+                    ),
+                )));
+            }
             state::load_trainable(&mut loaded.model, &file)?;
+            // Inference only from here on: folded adapters cost nothing per token (unmerged,
+            // LoRA on all seven projections made a SciFact subset eval take over twice as long).
+            loaded.model.merge_lora()?;
             Some(sha256_file(&file)?)
         }
         None => None,
@@ -133,7 +149,6 @@ pub fn load_embedder(
         Some(p) => Templates::from_file(p)?,
         None => Templates::for_arch(loaded.model.config.arch),
     };
-    let sha256 = model_sha256(&loaded)?;
     let identity = ModelIdentity {
         spec: spec.to_string(),
         sha256,

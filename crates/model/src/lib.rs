@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod generate;
 pub mod load;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod state;

@@ -73,10 +73,17 @@ pub fn load_path(path: &Path, format: ModelFormat, opts: &LoadOptions) -> Result
     };
     let mut model = Model::new(config, w)?;
     if opts.add_embed_token {
+        // A checkpoint whose tokenizer already knows the token (written by `adapter merge`)
+        // stores the trained row; anything else gets a fresh, mean-initialised one.
+        let stored = tokenizer
+            .token_to_id(crate::tokenizer::EMBED_TOKEN)
+            .filter(|&id| (id as usize) < model.config.vocab_size);
         let id = tokenizer.add_embed_token()?;
-        model
-            .add_embed_token(id)
-            .map_err(|e| Error::file(path, e.to_string()))?;
+        match stored {
+            Some(_) => model.adopt_embed_token(id),
+            None => model.add_embed_token(id),
+        }
+        .map_err(|e| Error::file(path, e.to_string()))?;
     }
     let id = path
         .file_name()

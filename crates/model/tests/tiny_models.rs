@@ -1956,3 +1956,97 @@ fn embed_token_inside_padded_vocab() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Merging adapters: in memory, and as a standalone HF checkpoint that loads back.
+// ---------------------------------------------------------------------------------------------
+
+/// Base + trained adapter + trained embed-token row, merged in memory and exported with
+/// `save_hf_dir`, computes the same hidden states and logits as the unmerged model; the
+/// exported directory loads with its trained `<|embed_token|>` row (not a fresh mean row).
+#[test]
+fn merged_adapters_match_unmerged_and_round_trip_as_hf_dir() {
+    let dir = tmp();
+    for (k, spec) in [Spec::llama(), Spec::qwen2()].iter().enumerate() {
+        let (gguf, _, _) = write_both(dir.path(), spec, 40 + k as u64);
+        let loaded = load(&gguf, ModelFormat::Gguf);
+        let mut m = loaded.model.clone();
+        m.add_lora(all_targets(2), 3).unwrap();
+        randomize_lora_b(&m, 4);
+        let mut rng = Rng::new(5);
+        let e = m.embed_token.clone().unwrap();
+        set_var_random(&e.row, &mut rng, 0.5);
+        if let Some(h) = &e.head_row {
+            set_var_random(h, &mut rng, 0.5);
+        }
+        let s = seqs_with_embed(e.id);
+        let want = hidden(&m, &s, Path::Fast);
+        let want_logits = flat(&m.logits(&want).unwrap());
+
+        let mut merged = m.clone();
+        merged.merge_lora().unwrap();
+        assert!(merged.lora.is_none());
+        for p in [Path::Fast, Path::Diff] {
+            let d = real_positions_diff(&hidden(&merged, &s, p), &want, &s);
+            assert!(d <= 1e-5, "{}: merged differs by {d} ({p:?})", spec.arch);
+        }
+
+        let out = dir.path().join(format!("merged-{}", spec.arch));
+        let extra = serde_json::json!({"adapter_sha256": "abc"});
+        search_r3_model::merge::save_hf_dir(&m, &loaded.tokenizer, &out, &extra).unwrap();
+        let back = load(&out, ModelFormat::HfDir);
+        assert_eq!(back.tokenizer.embed_token_id, Some(e.id));
+        assert_eq!(back.model.embed_token.as_ref().unwrap().id, e.id);
+        assert_eq!(
+            back.tokenizer.encode("<|embed_token|>").unwrap().last(),
+            Some(&e.id)
+        );
+        let got = hidden(&back.model, &s, Path::Fast);
+        let d = real_positions_diff(&got, &want, &s);
+        assert!(d <= 1e-5, "{}: reloaded merge differs by {d}", spec.arch);
+        let dl = max_abs_diff(&flat(&back.model.logits(&got).unwrap()), &want_logits);
+        assert!(dl <= 1e-4, "{}: reloaded logits differ by {dl}", spec.arch);
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(cfg["search_r3"]["adapter_sha256"], "abc");
+        assert_eq!(cfg["search_r3"]["embed_token_id"], e.id);
+        // The export is self-contained: a model without a template gets the ChatML it used.
+        assert_eq!(
+            back.tokenizer.chat_template.as_deref(),
+            Some(
+                loaded
+                    .tokenizer
+                    .chat_template
+                    .as_deref()
+                    .unwrap_or(search_r3_model::tokenizer::CHATML_TEMPLATE)
+            ),
+            "chat template lost"
+        );
+        // The base model's own loader still mean-initialises (its tokenizer lacks the token).
+        let again = load(&gguf, ModelFormat::Gguf).model;
+        let d = max_abs_diff(
+            &flat(again.embed_token.as_ref().unwrap().row.as_tensor()),
+            &flat(e.row.as_tensor()),
+        );
+        assert!(d > 1e-3);
+        // Never overwrites.
+        let err = search_r3_model::merge::save_hf_dir(&m, &loaded.tokenizer, &out, &extra)
+            .unwrap_err()
+            .to_string();
+        assert_mentions(&err, &["already exists"]);
+        assert_eq!(
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| e
+                    .as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".merge-"))
+                .count(),
+            0,
+            "temporary directory left behind"
+        );
+    }
+}
