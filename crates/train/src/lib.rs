@@ -12,11 +12,14 @@
 //! * [`trainer`] — the stage-1 loop: seeded data order, batches, accumulation, clipping,
 //!   AdamW, `metrics.jsonl`, atomic checksummed checkpoints with exact resume, eval hooks, and
 //!   the final adapter + manifest.
+//! * [`plot`] — a PNG of a run's `metrics.jsonl` curves, one panel per series, text drawn with
+//!   a bundled font (no system font libraries).
 #![warn(missing_docs)]
 
 pub mod error;
 pub mod losses;
 pub mod optim;
+pub mod plot;
 pub mod sft;
 pub mod trainer;
 
@@ -26,6 +29,7 @@ pub use losses::{
     SftLossConfig,
 };
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule, ADAMW_PREFIX};
+pub use plot::plot_metrics;
 pub use sft::{sft_gradients, SftBatch, SftExample, StepOutput};
 pub use trainer::{
     embed_sequences, train_sft, BestEval, EvalHook, LoraSection, SftConfig, TrainData,
