@@ -322,6 +322,7 @@ fn sft(a: &SftArgs) -> Result<()> {
         stop_after: None,
         adapter_metadata,
         manifest,
+        interrupt: Some(crate::retrieval::cancel_flag()),
     };
     let summary = train_sft(
         &mut embedder.model.model,
@@ -330,6 +331,15 @@ fn sft(a: &SftArgs) -> Result<()> {
         &opts,
         hook.as_mut().map(|h| h as &mut dyn EvalHook),
     )?;
+    if summary.interrupted {
+        bail!(
+            "interrupted after step {} of {}; the checkpoint in {} continues with the same \
+             command plus --resume",
+            summary.step,
+            cfg.steps,
+            a.out.display()
+        );
+    }
     eprintln!(
         "done: {} steps in {:.0}s ({} skipped); best eval {}; adapter {}",
         summary.step,

@@ -14,6 +14,7 @@
 //!   (step, data cursor, best eval, config and data hashes, sha256 of the two other files),
 //!   replaced atomically (written to a temporary directory, then renamed);
 //! * `best.safetensors` — the trainable state with the best eval nDCG@10 so far;
+//! * `curves.png` — loss terms and eval nDCG, redrawn at every evaluation and at the end;
 //! * at the end, `final.safetensors`, `adapter.safetensors` (the best-eval state, or the final
 //!   one when no evaluation ran) and `manifest.json`.
 
@@ -26,8 +27,10 @@ use search_r3_model::{Batch, LoraConfig, LoraTarget, Model, Path as FwdPath};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// LoRA settings of a run.
@@ -307,6 +310,9 @@ pub struct TrainOptions {
     pub adapter_metadata: HashMap<String, String>,
     /// Extra top-level fields of `manifest.json` (base model, templates hash, command line, ...).
     pub manifest: serde_json::Map<String, serde_json::Value>,
+    /// Set (by a Ctrl-C handler) to stop after the current step: its checkpoint is written,
+    /// so `--resume` continues exactly where the run stopped.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 /// What a run did.
@@ -314,8 +320,11 @@ pub struct TrainOptions {
 pub struct TrainSummary {
     /// Optimizer steps completed (including resumed ones).
     pub step: usize,
-    /// Whether the run stopped at [`TrainOptions::stop_after`] before `steps`.
+    /// Whether the run stopped before `steps` ([`TrainOptions::stop_after`] or an interrupt),
+    /// leaving a checkpoint to resume from.
     pub stopped_early: bool,
+    /// Whether that stop was an interrupt.
+    pub interrupted: bool,
     /// Steps skipped because the gradient was not finite (this invocation only).
     pub skipped_steps: usize,
     /// Loss terms of the last completed step.
@@ -361,6 +370,8 @@ const ADAPTER: &str = "adapter.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "trainer_state.json";
 const METRICS: &str = "metrics.jsonl";
+/// Loss and eval curves, redrawn at every eval and at the end.
+pub const CURVES: &str = "curves.png";
 
 /// SplitMix64 finaliser.
 fn mix(mut x: u64) -> u64 {
@@ -773,6 +784,11 @@ pub fn train_sft(
     let mut acc = GradAccumulator::new(&vars);
     let mut skipped = 0;
     let mut stopped_early = false;
+    let mut interrupted = false;
+    // indicatif draws nothing when stderr is a file; logs then get a plain line per step.
+    let plain = opts.progress && !std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let first_step = state.step;
     while state.step < cfg.steps {
         let t0 = Instant::now();
         let step = state.step;
@@ -850,8 +866,24 @@ pub fn train_sft(
             }
         }
         bar.set_position(state.step as u64);
+        if plain {
+            let done = state.step - first_step;
+            let per = started.elapsed().as_secs_f64() / done as f64;
+            let eta = per * (cfg.steps - state.step) as f64;
+            let loss = state
+                .last_terms
+                .as_ref()
+                .map_or("-".into(), |t| format!("{:.3}", t.total));
+            eprintln!(
+                "step {}/{} loss {loss} lr {lr:.1e} {per:.1}s/step eta {}",
+                state.step,
+                cfg.steps,
+                fmt_duration(eta)
+            );
+        }
         let last = state.step == cfg.steps;
-        let due = |every: usize| last || (every > 0 && state.step % every == 0);
+        let step_now = state.step;
+        let due = |every: usize| last || (every > 0 && step_now % every == 0);
         if let Some(hook) = eval.as_deref_mut() {
             if due(cfg.eval_every) {
                 let score = hook.evaluate(model, state.step)?;
@@ -860,7 +892,12 @@ pub fn train_sft(
                     &metrics_path,
                     &serde_json::json!({"step": state.step, "eval": {"ndcg@10": score}}),
                 )?;
-                bar.println(format!("step {}: eval nDCG@10 {score:.4}", state.step));
+                let line = format!("step {}: eval nDCG@10 {score:.4}", state.step);
+                if plain {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
                 if state.best.is_none_or(|b| score > b.score) {
                     state.best = Some(BestEval {
                         step: state.step,
@@ -870,8 +907,24 @@ pub fn train_sft(
                 }
             }
         }
-        if due(cfg.checkpoint_every) {
+        let stop = opts
+            .interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst))
+            && !last;
+        if due(cfg.checkpoint_every) || stop {
             write_checkpoint(out, model, &opt, &mut state, &opts.adapter_metadata)?;
+        }
+        if due(cfg.eval_every) || stop {
+            plot_curves(&metrics_path, out);
+        }
+        if stop {
+            bar.println(format!(
+                "interrupted: checkpoint written at step {}; continue with --resume",
+                state.step
+            ));
+            (stopped_early, interrupted) = (true, true);
+            break;
         }
         if opts.stop_after == Some(state.step) && !last {
             stopped_early = true;
@@ -882,6 +935,7 @@ pub fn train_sft(
     let summary = TrainSummary {
         step: state.step,
         stopped_early,
+        interrupted,
         skipped_steps: skipped,
         last_terms: state.last_terms,
         best: state.best,
@@ -937,6 +991,26 @@ pub fn train_sft(
         .expect("manifest serialises");
     write_atomic(&out.join("manifest.json"), &json)?;
     Ok(summary)
+}
+
+/// Redraws `curves.png` next to the metrics; a plotting failure must not end a training run,
+/// so it is only reported.
+fn plot_curves(metrics: &Path, out: &Path) {
+    let title = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if let Err(e) = crate::plot::plot_metrics(metrics, &out.join(CURVES), &title) {
+        eprintln!(
+            "warning: could not draw {}: {e}",
+            out.join(CURVES).display()
+        );
+    }
+}
+
+fn fmt_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
 fn fmt_opt(x: Option<f64>) -> String {

@@ -197,6 +197,50 @@ fn resume_equals_straight_run() {
     assert_eq!(trainable(&m4), t3);
 }
 
+/// Ctrl-C sets the interrupt flag: the run stops after the step in progress, writes a
+/// checkpoint even when none is due, and `--resume` ends where an uninterrupted run ends.
+#[test]
+fn interrupt_checkpoints_and_resumes_exactly() {
+    let data = tiny_data(8, 9);
+    let cfg = tiny_config(5);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("straight"), dir.path().join("interrupted"));
+    let mut m1 = tiny_model(3);
+    train_sft(&mut m1, &data, &cfg, &opts(&a, false, None), None).unwrap();
+    assert!(a.join("curves.png").exists(), "no curves.png at the end");
+
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut o = opts(&b, false, None);
+    o.interrupt = Some(flag);
+    let mut m2 = tiny_model(3);
+    let s = train_sft(&mut m2, &data, &cfg, &o, None).unwrap();
+    assert!(s.interrupted && s.stopped_early);
+    assert_eq!(
+        s.step, 1,
+        "checkpoint_every is 3: the checkpoint exists only because of the stop"
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(b.join("checkpoint").join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["step"], 1);
+    assert!(!b.join("manifest.json").exists());
+
+    let mut m3 = tiny_model(3);
+    let s = train_sft(&mut m3, &data, &cfg, &opts(&b, true, None), None).unwrap();
+    assert!(!s.interrupted);
+    assert_eq!(s.step, 5);
+    for ((n1, v1), (_, v3)) in trainable(&m1).iter().zip(&trainable(&m3)) {
+        let diff = v1
+            .iter()
+            .zip(v3)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-6, "{n1}: max diff {diff}");
+    }
+    assert_eq!(metric_lines(&a), metric_lines(&b));
+}
+
 #[test]
 fn corrupted_checkpoint_is_detected_on_resume() {
     let data = tiny_data(8, 5);
