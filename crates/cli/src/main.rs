@@ -2,9 +2,11 @@
 //! models, tokenizing, generating, benchmarking) live here and in `bench.rs`; the retrieval
 //! commands (`index`, `search`, `demo`) in `retrieval.rs`.
 
+mod adapter;
 mod bench;
 mod eval;
 mod mine;
+mod plot;
 mod retrieval;
 mod score;
 mod train;
@@ -59,9 +61,15 @@ enum Cmd {
     /// Build stage-1 training triples from a BEIR split, with hard negatives mined from a
     /// retriever's ranking (relevant documents excluded).
     MineNegatives(mine::MineArgs),
+    /// Adapter tools (`adapter merge`: fold an adapter into its base model).
+    #[command(subcommand)]
+    Adapter(adapter::AdapterCmd),
     /// Train Search-R3 adapters (`train sft`: stage 1, contrastive SFT with LoRA).
     #[command(subcommand)]
     Train(train::TrainCmd),
+    /// Plot a training run's curves from its metrics.jsonl to a PNG (default: curves.png next
+    /// to it).
+    Plot(plot::PlotArgs),
 }
 
 #[derive(Subcommand)]
@@ -234,6 +242,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => eval::eval(&a)?,
         Cmd::MineNegatives(a) => mine::mine(&a)?,
         Cmd::Train(c) => train::run(&c)?,
+        Cmd::Adapter(c) => adapter::run(&c)?,
+        Cmd::Plot(a) => plot::plot(&a)?,
     }
     Ok(())
 }

@@ -167,7 +167,8 @@ pub struct SearchArgs {
     embed: EmbedArgs,
 }
 
-/// Ctrl-C stops an encoding job between batches; its checkpoint makes the next run resume.
+/// Ctrl-C stops an encoding job between batches, or training after the current step; their
+/// checkpoints make the next run resume.
 pub(crate) fn cancel_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
@@ -176,7 +177,7 @@ pub(crate) fn cancel_flag() -> Arc<AtomicBool> {
             std::process::exit(130);
         }
         eprintln!(
-            "\ninterrupt: finishing the current batch, then stopping (Ctrl-C again to abort)"
+            "\ninterrupt: finishing the current batch or step and saving a checkpoint (Ctrl-C again to abort)"
         );
     });
     flag
@@ -325,15 +326,42 @@ pub struct DemoArgs {
     /// Results per query.
     #[arg(short, long, default_value_t = 3)]
     k: usize,
+    /// Run the untrained base model instead of the adapter shipped in `adapters/`.
+    #[arg(long, conflicts_with = "adapter")]
+    no_adapter: bool,
     #[command(flatten)]
     embed: EmbedArgs,
+}
+
+/// Trained adapters shipped in the repository, by the model they were trained on.
+const SHIPPED_ADAPTERS: &[(&str, &str)] = &[("smollm2", "adapters/sft-smollm2")];
+
+/// The shipped adapter for `model`: looked up from the working directory first, then in the
+/// source tree the binary was built from (so `demo` finds it from anywhere in a checkout).
+pub(crate) fn shipped_adapter(model: &str) -> Option<PathBuf> {
+    let rel = SHIPPED_ADAPTERS.iter().find(|(m, _)| *m == model)?.1;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    [PathBuf::from(rel), repo.join(rel)]
+        .into_iter()
+        .find(|d| d.join("adapter.safetensors").is_file())
 }
 
 /// Runs `search-r3 demo`: fetch the model, index the bundled corpus, run example queries with
 /// and without reasoning.
 pub fn demo(a: &DemoArgs) -> Result<()> {
+    let mut embed = a.embed.clone();
+    if embed.adapter.is_none() && !a.no_adapter {
+        embed.adapter = shipped_adapter(&a.model);
+    }
+    match &embed.adapter {
+        Some(p) => eprintln!(
+            "adapter: {} (--no-adapter runs the base model)",
+            p.display()
+        ),
+        None => eprintln!("adapter: none (base model `{}`)", a.model),
+    }
     let corpus = write_demo_corpus(&a.out)?;
-    let searcher = match Searcher::open(&a.out, Some(&a.model), &a.embed.options(None)) {
+    let searcher = match Searcher::open(&a.out, Some(&a.model), &embed.options(None)) {
         Ok(s) => {
             eprintln!("reusing the demo index in {}", a.out.display());
             s
@@ -347,7 +375,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
                 a.out.display()
             );
             let (docs, _) = read_corpus(&corpus, &ReadOptions::default())?;
-            let (embedder, identity) = load_embedder(&a.model, &a.embed.options(Some(256)))?;
+            let (embedder, identity) = load_embedder(&a.model, &embed.options(Some(256)))?;
             let cancel = cancel_flag();
             Searcher::build(
                 embedder,

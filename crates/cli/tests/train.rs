@@ -164,6 +164,67 @@ fn tiny_run_resumes_and_its_adapter_evaluates() {
     ]);
     assert!(ok, "{err}");
 
+    // `adapter merge` writes a standalone model that evaluates exactly like base + adapter.
+    let merged = dir.path().join("merged");
+    let (ok, err) = run(&[
+        "adapter",
+        "merge",
+        "--adapter",
+        s(&out),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(ok, "{err}");
+    let ev2 = dir.path().join("eval-merged");
+    let (ok, err) = run(&[
+        "eval",
+        "--dataset",
+        s(&sf),
+        "--split",
+        "test",
+        "--model",
+        s(&merged),
+        "--max-queries",
+        "2",
+        "--max-docs",
+        "10",
+        "--max-doc-tokens",
+        "16",
+        "--out",
+        s(&ev2),
+    ]);
+    assert!(ok, "{err}");
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let (r1, r2) = (read(&ev), read(&ev2));
+    for k in ["ndcg@10", "recall@100", "mrr"] {
+        let (a, b) = (r1[k].as_f64().unwrap(), r2[k].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-9, "{k}: adapter {a} vs merged {b}");
+    }
+    // Merging again into the same place is refused; the adapter does not go on top of a
+    // model it was not trained on (shapes match, the base model's hash does not).
+    let (ok, err) = run(&[
+        "adapter",
+        "merge",
+        "--adapter",
+        s(&out),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    let (ok, err) = run(&[
+        "adapter",
+        "merge",
+        "--model",
+        s(&merged),
+        "--adapter",
+        s(&out),
+        "--out",
+        s(&dir.path().join("twice")),
+    ]);
+    assert!(!ok && err.contains("trained on base model"), "{err}");
+
     // A flipped byte in the optimizer state is caught on resume, naming the file.
     let opt = out.join("checkpoint/optimizer.safetensors");
     let mut bytes = std::fs::read(&opt).unwrap();

@@ -1,0 +1,77 @@
+//! `search-r3 adapter merge`: folds a trained adapter (LoRA + `<|embed_token|>` row) into its
+//! base model and writes a standalone HF checkpoint, usable as `--model DIR` here and loadable
+//! by transformers.
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use search_r3_core::searcher::{load_embedder, EmbedderOptions};
+use std::path::PathBuf;
+
+/// Adapter tools.
+#[derive(Subcommand)]
+pub(crate) enum AdapterCmd {
+    /// Fold an adapter into its base model and write the result as an HF model directory
+    /// (config.json, model.safetensors, tokenizer files); `--model DIR` then needs no
+    /// `--adapter`.
+    Merge(MergeArgs),
+}
+
+/// `adapter merge` arguments.
+#[derive(Args)]
+pub(crate) struct MergeArgs {
+    /// Base model the adapter was trained on (fetched name, .gguf, or HF directory).
+    #[arg(long, short, default_value = "smollm2")]
+    model: String,
+    /// Adapter file, or a `train sft` run directory (its adapter.safetensors).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output directory (must not exist; written to a temporary directory and renamed).
+    #[arg(long)]
+    out: PathBuf,
+    /// Template file the adapter was trained with, when not the built-in one.
+    #[arg(long)]
+    templates: Option<PathBuf>,
+}
+
+pub(crate) fn run(cmd: &AdapterCmd) -> Result<()> {
+    match cmd {
+        AdapterCmd::Merge(a) => merge(a),
+    }
+}
+
+fn merge(a: &MergeArgs) -> Result<()> {
+    // The embedder's loader checks the adapter against the base model and merges it in memory.
+    let (embedder, identity) = load_embedder(
+        &a.model,
+        &EmbedderOptions {
+            adapter: Some(a.adapter.clone()),
+            templates: a.templates.clone(),
+            max_doc_tokens: None,
+        },
+    )
+    .with_context(|| format!("loading `{}` with adapter {}", a.model, a.adapter.display()))?;
+    let extra = serde_json::json!({
+        "base_model": embedder.model.id,
+        "base_model_sha256": identity.sha256,
+        "adapter": a.adapter.display().to_string(),
+        "adapter_sha256": identity.adapter,
+        "templates_hash": identity.template_hash,
+    });
+    search_r3_model::merge::save_hf_dir(
+        &embedder.model.model,
+        &embedder.model.tokenizer,
+        &a.out,
+        &extra,
+    )
+    .with_context(|| format!("writing the merged model to {}", a.out.display()))?;
+    let bytes = std::fs::metadata(a.out.join("model.safetensors"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "wrote {} ({:.0} MB of weights); use it as `--model {}` (no --adapter)",
+        a.out.display(),
+        bytes as f64 / 1e6,
+        a.out.display()
+    );
+    Ok(())
+}
