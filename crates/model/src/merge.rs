@@ -80,7 +80,11 @@ impl Model {
             )));
         }
         let row = |t: &Tensor| -> Result<candle_core::Var> {
-            Ok(candle_core::Var::from_tensor(&t.narrow(0, id as usize, 1)?)?)
+            Ok(candle_core::Var::from_tensor(&t.narrow(
+                0,
+                id as usize,
+                1,
+            )?)?)
         };
         let embed_row = row(&self.weights.embed)?;
         let head_row = self.weights.lm_head.as_ref().map(row).transpose()?;
