@@ -12,11 +12,14 @@
 //! * [`trainer`] — the stage-1 loop: seeded data order, batches, accumulation, clipping,
 //!   AdamW, `metrics.jsonl`, atomic checksummed checkpoints with exact resume, eval hooks, and
 //!   the final adapter + manifest.
+//! * [`grpo`] — stage 2's pieces: the DCG retrieval reward with format and length terms,
+//!   group-normalised advantages, and the clipped GRPO objective with a k3 KL penalty.
 //! * [`plot`] — a PNG of a run's `metrics.jsonl` curves, one panel per series, text drawn with
 //!   a bundled font (no system font libraries).
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod grpo;
 pub mod losses;
 pub mod optim;
 pub mod plot;

@@ -48,13 +48,13 @@ fn same_dtype(a: &Tensor, b: &Tensor, what: &str, func: &str) -> Result<()> {
 /// The positions a mask selects, with their weights. Read on the host: the mask is tiny next
 /// to the logits, and selecting rows up front means the log-softmax over the vocabulary is only
 /// computed (and kept for backward) at assistant positions.
-struct Selection {
+pub(crate) struct Selection {
     /// Flat indices `i·t + j` with non-zero weight.
-    rows: Vec<u32>,
+    pub(crate) rows: Vec<u32>,
     /// Their weights.
-    weights: Vec<f64>,
+    pub(crate) weights: Vec<f64>,
     /// `Σ weights`, > 0.
-    total: f64,
+    pub(crate) total: f64,
 }
 
 fn select(mask: &Tensor, dims: &[usize], func: &str) -> Result<Selection> {
@@ -94,12 +94,17 @@ fn select(mask: &Tensor, dims: &[usize], func: &str) -> Result<Selection> {
 }
 
 impl Selection {
-    fn index(&self, device: &Device) -> Result<Tensor> {
+    /// The positions `mask` (of shape `dims`) selects; errors name `func`.
+    pub(crate) fn new(mask: &Tensor, dims: &[usize], func: &str) -> Result<Selection> {
+        select(mask, dims, func)
+    }
+
+    pub(crate) fn index(&self, device: &Device) -> Result<Tensor> {
         Ok(Tensor::from_slice(&self.rows, self.rows.len(), device)?)
     }
 
     /// `Σ_i w_i·x_i / Σ_i w_i` for `x [k]`.
-    fn weighted_mean(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn weighted_mean(&self, x: &Tensor) -> Result<Tensor> {
         let w = Tensor::from_slice(&self.weights, self.weights.len(), x.device())?
             .to_dtype(x.dtype())?;
         Ok((x.mul(&w)?.sum_all()? / self.total)?)
