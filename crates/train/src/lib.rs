@@ -14,10 +14,14 @@
 //!   the final adapter + manifest.
 //! * [`grpo`] — stage 2's pieces: the DCG retrieval reward with format and length terms,
 //!   group-normalised advantages, and the clipped GRPO objective with a k3 KL penalty.
+//! * [`env`] — the RL environment: corpus vectors of the current policy in an ANN index,
+//!   refreshed locally (touched documents, then graph neighbours) under a budget, with drift
+//!   and reward-fidelity measurements against a fresh encoding.
 //! * [`plot`] — a PNG of a run's `metrics.jsonl` curves, one panel per series, text drawn with
 //!   a bundled font (no system font libraries).
 #![warn(missing_docs)]
 
+pub mod env;
 pub mod error;
 pub mod grpo;
 pub mod losses;

@@ -1,0 +1,448 @@
+//! The RL environment of stage 2: the corpus embedded by the policy, held in an ANN index that
+//! ranks rollout embeddings, and kept current *locally*.
+//!
+//! Every policy update changes every document's embedding a little. Re-encoding the whole
+//! corpus after each update is exact but costs a corpus pass per step; never re-encoding is
+//! free but lets the index drift away from the policy, so rewards measured against it go
+//! stale. [`RefreshPolicy::Local`] re-encodes a budget of documents per update — the ones the
+//! step touched (gold documents and retrieved top-k, whose ranks decided the rewards), then
+//! their graph neighbours (the region the next similar queries land in), stalest first — and
+//! updates them in place. [`RetrievalEnv::drift`] and [`RetrievalEnv::reward_fidelity`]
+//! measure what that costs in accuracy against a fresh encoding.
+//!
+//! Documents are addressed by their position in the prompt list (key = position).
+
+use crate::error::{invalid, Result};
+use crate::grpo::dcg_reward;
+use crate::trainer::embed_sequences;
+use search_r3_index::{AnyIndex, ExactIndex, HnswParams, IndexKind, VectorIndex};
+use search_r3_model::Model;
+use serde::{Deserialize, Serialize};
+
+/// How the environment keeps document vectors current after a policy update.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "policy", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RefreshPolicy {
+    /// Never re-encode: the index keeps the vectors of the policy it was built with.
+    Never,
+    /// Re-encode the whole corpus after every update (the exact, expensive baseline).
+    Full,
+    /// Re-encode at most `budget` documents per update: the touched ones first, then up to
+    /// `neighbors` graph neighbours of each, stalest first.
+    Local {
+        /// Documents re-encoded per update, at most.
+        budget: usize,
+        /// Graph neighbours considered per touched document.
+        neighbors: usize,
+    },
+}
+
+impl Default for RefreshPolicy {
+    fn default() -> Self {
+        RefreshPolicy::Local {
+            budget: 64,
+            neighbors: 8,
+        }
+    }
+}
+
+/// What one refresh did.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RefreshReport {
+    /// Documents re-encoded.
+    pub reencoded: usize,
+    /// `reencoded / corpus size`.
+    pub fraction: f64,
+    /// Distinct touched documents the step reported.
+    pub touched: usize,
+}
+
+/// Embedding drift of stale documents: cosine between the stored vector and a fresh encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Drift {
+    /// Probe documents that were stale (encoded by an older policy).
+    pub stale: usize,
+    /// Mean cosine over them (1 = no drift); 1 when none was stale.
+    pub mean_cos: f64,
+    /// Smallest cosine over them.
+    pub min_cos: f64,
+}
+
+/// How well rewards on the environment's index agree with rewards on a fresh full encoding.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Fidelity {
+    /// Rewards against the environment's (partly stale) index.
+    pub env_rewards: Vec<f64>,
+    /// Rewards against a fresh encoding of the whole corpus.
+    pub fresh_rewards: Vec<f64>,
+    /// Spearman's ρ between the two (average ranks for ties); `None` when either is constant.
+    pub spearman: Option<f64>,
+    /// Kendall's τ-b between the two; `None` when either is constant.
+    pub kendall: Option<f64>,
+    /// Mean |env − fresh|.
+    pub mean_abs_diff: f64,
+}
+
+/// One query for reward measurements: its embedding and its gold documents.
+#[derive(Debug, Clone)]
+pub struct ProbeQuery {
+    /// Unit-norm query embedding.
+    pub embedding: Vec<f32>,
+    /// Positions of its relevant documents.
+    pub gold: Vec<usize>,
+}
+
+/// The corpus index the policy is rewarded against.
+pub struct RetrievalEnv {
+    index: AnyIndex,
+    prompts: Vec<Vec<u32>>,
+    pad_id: u32,
+    micro_tokens: usize,
+    policy: RefreshPolicy,
+    /// Policy version each document's stored vector was encoded with.
+    encoded_at: Vec<u64>,
+    /// Policy updates seen so far.
+    version: u64,
+    reencoded_total: usize,
+}
+
+impl RetrievalEnv {
+    /// Encodes every document prompt (each ending with `<|embed_token|>`) with `model` and
+    /// indexes it (`kind`: exact or HNSW with default parameters). `micro_tokens` bounds the
+    /// padded tokens of one forward pass.
+    pub fn new(
+        model: &Model,
+        prompts: Vec<Vec<u32>>,
+        pad_id: u32,
+        micro_tokens: usize,
+        kind: IndexKind,
+        policy: RefreshPolicy,
+    ) -> Result<Self> {
+        if prompts.is_empty() {
+            invalid!("RetrievalEnv: the corpus is empty");
+        }
+        if let RefreshPolicy::Local { budget: 0, .. } = policy {
+            invalid!(
+                "RetrievalEnv: a local refresh budget of 0 never refreshes; use policy = \"never\""
+            );
+        }
+        let vectors = embed_sequences(model, &prompts, pad_id, micro_tokens)?;
+        let dim = vectors[0].len();
+        let mut index = AnyIndex::new(kind, dim, HnswParams::default()).map_err(index_err)?;
+        let keys: Vec<u64> = (0..prompts.len() as u64).collect();
+        index
+            .upsert_batch(&keys, &vectors.concat())
+            .map_err(index_err)?;
+        Ok(RetrievalEnv {
+            index,
+            encoded_at: vec![0; prompts.len()],
+            prompts,
+            pad_id,
+            micro_tokens,
+            policy,
+            version: 0,
+            reencoded_total: 0,
+        })
+    }
+
+    /// Number of documents.
+    pub fn len(&self) -> usize {
+        self.prompts.len()
+    }
+
+    /// Whether the corpus is empty (never, once built).
+    pub fn is_empty(&self) -> bool {
+        self.prompts.is_empty()
+    }
+
+    /// The refresh policy.
+    pub fn policy(&self) -> RefreshPolicy {
+        self.policy
+    }
+
+    /// Policy updates seen.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Documents re-encoded by refreshes so far (the initial encoding excluded).
+    pub fn reencoded_total(&self) -> usize {
+        self.reencoded_total
+    }
+
+    /// The stored vector of document `doc`.
+    pub fn stored(&self, doc: usize) -> Option<Vec<f32>> {
+        self.index.get(doc as u64)
+    }
+
+    /// Policy updates since `doc` was last encoded (0 = current).
+    pub fn staleness(&self, doc: usize) -> u64 {
+        self.version - self.encoded_at[doc]
+    }
+
+    /// Up to `k` graph neighbours of document `doc`, closest first (see
+    /// [`VectorIndex::neighbors`]).
+    pub fn neighbors(&self, doc: usize, k: usize) -> Result<Vec<usize>> {
+        Ok(self
+            .index
+            .neighbors(doc as u64, k)
+            .map_err(index_err)?
+            .into_iter()
+            .map(|h| h.key as usize)
+            .collect())
+    }
+
+    /// The `k` best documents for a query embedding, best first.
+    pub fn search(&self, q: &[f32], k: usize) -> Result<Vec<usize>> {
+        Ok(self
+            .index
+            .search(q, k)
+            .map_err(index_err)?
+            .into_iter()
+            .map(|h| h.key as usize)
+            .collect())
+    }
+
+    /// The DCG reward of a query embedding against this index (see [`dcg_reward`]), with the
+    /// ranking it came from (top `top_k`).
+    pub fn reward(&self, q: &[f32], gold: &[usize], top_k: usize) -> Result<(f64, Vec<usize>)> {
+        let ranking = self.search(q, top_k)?;
+        Ok((reward_of(&ranking, gold, top_k)?, ranking))
+    }
+
+    /// Registers a policy update and re-encodes documents according to the policy. `touched`
+    /// lists the documents the step's rewards depended on (gold and retrieved), most important
+    /// first; [`RefreshPolicy::Local`] refreshes them first, then their graph neighbours.
+    pub fn refresh(&mut self, model: &Model, touched: &[usize]) -> Result<RefreshReport> {
+        self.version += 1;
+        let n = self.len();
+        let mut seen = vec![false; n];
+        let mut distinct = Vec::new();
+        for &d in touched {
+            if d >= n {
+                invalid!("refresh: touched document {d} is outside the corpus of {n}");
+            }
+            if !std::mem::replace(&mut seen[d], true) {
+                distinct.push(d);
+            }
+        }
+        let chosen: Vec<usize> = match self.policy {
+            RefreshPolicy::Never => Vec::new(),
+            RefreshPolicy::Full => (0..n).collect(),
+            RefreshPolicy::Local { budget, neighbors } => {
+                let mut chosen: Vec<usize> = distinct.iter().copied().take(budget).collect();
+                if chosen.len() < budget && neighbors > 0 {
+                    let mut around = Vec::new();
+                    for &d in &distinct {
+                        for h in self
+                            .index
+                            .neighbors(d as u64, neighbors)
+                            .map_err(index_err)?
+                        {
+                            let k = h.key as usize;
+                            if !std::mem::replace(&mut seen[k], true) {
+                                around.push(k);
+                            }
+                        }
+                    }
+                    // Stalest first; ties keep discovery order (closest region first).
+                    around.sort_by_key(|&k| std::cmp::Reverse(self.staleness(k)));
+                    chosen.extend(around.into_iter().take(budget - chosen.len()));
+                }
+                chosen
+            }
+        };
+        self.reencode(model, &chosen)?;
+        Ok(RefreshReport {
+            reencoded: chosen.len(),
+            fraction: chosen.len() as f64 / n as f64,
+            touched: distinct.len(),
+        })
+    }
+
+    fn reencode(&mut self, model: &Model, docs: &[usize]) -> Result<()> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        let prompts: Vec<Vec<u32>> = docs.iter().map(|&d| self.prompts[d].clone()).collect();
+        let vectors = embed_sequences(model, &prompts, self.pad_id, self.micro_tokens)?;
+        let keys: Vec<u64> = docs.iter().map(|&d| d as u64).collect();
+        self.index
+            .upsert_batch(&keys, &vectors.concat())
+            .map_err(index_err)?;
+        for &d in docs {
+            self.encoded_at[d] = self.version;
+        }
+        self.reencoded_total += docs.len();
+        Ok(())
+    }
+
+    /// Drift of the stale documents among `probe`: cosine of the stored vector to a fresh
+    /// encoding by `model`. Costs one forward pass over the probe.
+    pub fn drift(&self, model: &Model, probe: &[usize]) -> Result<Drift> {
+        let stale: Vec<usize> = probe
+            .iter()
+            .copied()
+            .filter(|&d| d < self.len() && self.staleness(d) > 0)
+            .collect();
+        if stale.is_empty() {
+            return Ok(Drift {
+                stale: 0,
+                mean_cos: 1.0,
+                min_cos: 1.0,
+            });
+        }
+        let prompts: Vec<Vec<u32>> = stale.iter().map(|&d| self.prompts[d].clone()).collect();
+        let fresh = embed_sequences(model, &prompts, self.pad_id, self.micro_tokens)?;
+        let mut sum = 0.0;
+        let mut min = f64::INFINITY;
+        for (&d, f) in stale.iter().zip(&fresh) {
+            let s = self.stored(d).expect("every document is indexed");
+            let c = cosine(&s, f);
+            sum += c;
+            min = min.min(c);
+        }
+        Ok(Drift {
+            stale: stale.len(),
+            mean_cos: sum / stale.len() as f64,
+            min_cos: min,
+        })
+    }
+
+    /// Rewards of `queries` against this index and against a fresh exact encoding of the
+    /// whole corpus by `model`, and their rank agreement. Costs a full corpus pass: run it
+    /// every K steps, not every step.
+    pub fn reward_fidelity(
+        &self,
+        model: &Model,
+        queries: &[ProbeQuery],
+        top_k: usize,
+    ) -> Result<Fidelity> {
+        if queries.is_empty() {
+            invalid!("reward_fidelity: no probe queries");
+        }
+        let fresh = embed_sequences(model, &self.prompts, self.pad_id, self.micro_tokens)?;
+        let mut exact = ExactIndex::new(fresh[0].len()).map_err(index_err)?;
+        let keys: Vec<u64> = (0..self.len() as u64).collect();
+        exact
+            .upsert_batch(&keys, &fresh.concat())
+            .map_err(index_err)?;
+        let mut env_rewards = Vec::with_capacity(queries.len());
+        let mut fresh_rewards = Vec::with_capacity(queries.len());
+        for q in queries {
+            env_rewards.push(self.reward(&q.embedding, &q.gold, top_k)?.0);
+            let ranking: Vec<usize> = exact
+                .search(&q.embedding, top_k)
+                .map_err(index_err)?
+                .into_iter()
+                .map(|h| h.key as usize)
+                .collect();
+            fresh_rewards.push(reward_of(&ranking, &q.gold, top_k)?);
+        }
+        let mean_abs_diff = env_rewards
+            .iter()
+            .zip(&fresh_rewards)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f64>()
+            / queries.len() as f64;
+        Ok(Fidelity {
+            spearman: spearman(&env_rewards, &fresh_rewards),
+            kendall: kendall_tau_b(&env_rewards, &fresh_rewards),
+            env_rewards,
+            fresh_rewards,
+            mean_abs_diff,
+        })
+    }
+}
+
+fn index_err(e: search_r3_index::IndexError) -> crate::Error {
+    crate::Error::Invalid(format!("index: {e}"))
+}
+
+/// DCG reward of `gold` in a ranking of document positions.
+fn reward_of(ranking: &[usize], gold: &[usize], top_k: usize) -> Result<f64> {
+    let ranks: Vec<Option<usize>> = gold
+        .iter()
+        .map(|g| ranking.iter().position(|d| d == g).map(|p| p + 1))
+        .collect();
+    dcg_reward(&ranks, top_k)
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    ab / (aa.sqrt() * bb.sqrt()).max(f64::MIN_POSITIVE)
+}
+
+/// Ranks 1..n with ties given their average rank.
+fn average_ranks(x: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
+    let mut ranks = vec![0.0; x.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && x[order[j + 1]] == x[order[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            ranks[k] = avg;
+        }
+        i = j + 1;
+    }
+    ranks
+}
+
+fn pearson(a: &[f64], b: &[f64]) -> Option<f64> {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        ab += (x - ma) * (y - mb);
+        aa += (x - ma).powi(2);
+        bb += (y - mb).powi(2);
+    }
+    (aa > 0.0 && bb > 0.0).then(|| ab / (aa * bb).sqrt())
+}
+
+/// Spearman's rank correlation (Pearson on average ranks, as scipy computes it); `None` when
+/// either side is constant or the lengths differ.
+pub fn spearman(a: &[f64], b: &[f64]) -> Option<f64> {
+    if a.len() != b.len() || a.len() < 2 {
+        return None;
+    }
+    pearson(&average_ranks(a), &average_ranks(b))
+}
+
+/// Kendall's τ-b (tie-corrected, as scipy's default): `(C − D) / √((n0 − n1)(n0 − n2))`;
+/// `None` when either side is constant or the lengths differ.
+pub fn kendall_tau_b(a: &[f64], b: &[f64]) -> Option<f64> {
+    if a.len() != b.len() || a.len() < 2 {
+        return None;
+    }
+    let (mut conc, mut disc, mut ties_a, mut ties_b) = (0i64, 0i64, 0i64, 0i64);
+    for i in 0..a.len() {
+        for j in i + 1..a.len() {
+            let (da, db) = (a[i] - a[j], b[i] - b[j]);
+            match (da == 0.0, db == 0.0) {
+                (true, true) => {
+                    ties_a += 1;
+                    ties_b += 1;
+                }
+                (true, false) => ties_a += 1,
+                (false, true) => ties_b += 1,
+                (false, false) if (da > 0.0) == (db > 0.0) => conc += 1,
+                _ => disc += 1,
+            }
+        }
+    }
+    let n0 = (a.len() * (a.len() - 1) / 2) as i64;
+    let denom = (((n0 - ties_a) * (n0 - ties_b)) as f64).sqrt();
+    (denom > 0.0).then(|| (conc - disc) as f64 / denom)
+}
