@@ -143,57 +143,39 @@ fn tiny_run_resumes_and_its_adapter_evaluates() {
     let (ok, err) = run(&resume);
     assert!(ok, "{err}");
 
-    // The adapter (given as the run directory) is usable by eval.
+    // The adapter (given as the run directory) is usable by eval, and `adapter merge` writes a
+    // standalone model that evaluates exactly like base + adapter.
+    let eval_small = |model: &[&str], results: &Path| {
+        let mut args = vec!["eval", "--dataset", s(&sf), "--split", "test"];
+        args.extend_from_slice(model);
+        args.extend([
+            "--max-queries",
+            "2",
+            "--max-docs",
+            "10",
+            "--max-doc-tokens",
+            "16",
+            "--out",
+            s(results),
+        ]);
+        let (ok, err) = run(&args);
+        assert!(ok, "{err}");
+    };
     let ev = dir.path().join("eval");
-    let (ok, err) = run(&[
-        "eval",
-        "--dataset",
-        s(&sf),
-        "--split",
-        "test",
-        "--adapter",
-        s(&out),
-        "--max-queries",
-        "2",
-        "--max-docs",
-        "10",
-        "--max-doc-tokens",
-        "16",
-        "--out",
-        s(&ev),
-    ]);
-    assert!(ok, "{err}");
-
-    // `adapter merge` writes a standalone model that evaluates exactly like base + adapter.
+    eval_small(&["--adapter", s(&out)], &ev);
     let merged = dir.path().join("merged");
-    let (ok, err) = run(&[
+    let merge = [
         "adapter",
         "merge",
         "--adapter",
         s(&out),
         "--out",
         s(&merged),
-    ]);
+    ];
+    let (ok, err) = run(&merge);
     assert!(ok, "{err}");
     let ev2 = dir.path().join("eval-merged");
-    let (ok, err) = run(&[
-        "eval",
-        "--dataset",
-        s(&sf),
-        "--split",
-        "test",
-        "--model",
-        s(&merged),
-        "--max-queries",
-        "2",
-        "--max-docs",
-        "10",
-        "--max-doc-tokens",
-        "16",
-        "--out",
-        s(&ev2),
-    ]);
-    assert!(ok, "{err}");
+    eval_small(&["--model", s(&merged)], &ev2);
     let read = |p: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
     };
@@ -204,14 +186,7 @@ fn tiny_run_resumes_and_its_adapter_evaluates() {
     }
     // Merging again into the same place is refused; the adapter does not go on top of a
     // model it was not trained on (shapes match, the base model's hash does not).
-    let (ok, err) = run(&[
-        "adapter",
-        "merge",
-        "--adapter",
-        s(&out),
-        "--out",
-        s(&merged),
-    ]);
+    let (ok, err) = run(&merge);
     assert!(!ok && err.contains("already exists"), "{err}");
     let (ok, err) = run(&[
         "adapter",

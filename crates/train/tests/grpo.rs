@@ -119,6 +119,18 @@ fn case() -> (Var, Tensor, Tensor, Vec<f64>) {
     (lp, old, mask, vec![1.0, -2.0])
 }
 
+/// ∂loss/∂v, flattened.
+fn grad(loss: &Tensor, v: &Var) -> Vec<f64> {
+    loss.backward()
+        .unwrap()
+        .get(v.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 #[test]
 fn clipped_objective_value_and_gradient_by_hand() {
     let (lp, old, mask, adv) = case();
@@ -134,14 +146,7 @@ fn clipped_objective_value_and_gradient_by_hand() {
     assert!(close(st.surrogate, -0.18, 1e-12));
     assert!(close(st.clip_fraction, 0.4, 1e-12));
     assert!(close(st.ratio, (1.0 + 1.5 + 0.7 + 0.5 + 1.1) / 5.0, 1e-12));
-    let g = loss.backward().unwrap();
-    let g: Vec<f64> = g
-        .get(lp.as_tensor())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let g = grad(&loss, &lp);
     // ∂/∂logp of −ρÂ/5 is −ρÂ/5 on unclipped tokens; clipped and masked tokens get 0.
     let want = [-0.2, 0.0, -0.14, 0.0, 0.44, 0.0];
     for (x, w) in g.iter().zip(want) {
@@ -167,15 +172,7 @@ fn kl_penalty_by_hand_and_asymmetric_clip() {
         0.18 + 0.1 * k3,
         1e-12
     ));
-    let g: Vec<f64> = loss
-        .backward()
-        .unwrap()
-        .get(lp.as_tensor())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let g = grad(&loss, &lp);
     let want = [-0.2 - 0.02, -0.02, -0.14 - 0.02, -0.02, 0.44 - 0.02, 0.0];
     for (x, w) in g.iter().zip(want) {
         assert!(close(*x, w, 1e-12), "{g:?}");

@@ -110,6 +110,21 @@ fn trainable(model: &Model) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
+/// Every trainable tensor of `a` and `b` agrees to 1e-6.
+fn assert_same_trainable(a: &Model, b: &Model) {
+    let (ta, tb) = (trainable(a), trainable(b));
+    assert_eq!(ta.len(), tb.len());
+    for ((na, va), (nb, vb)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        let diff = va
+            .iter()
+            .zip(vb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-6, "{na}: max diff {diff}");
+    }
+}
+
 /// metrics.jsonl without the wall-clock field.
 fn metric_lines(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -161,17 +176,8 @@ fn resume_equals_straight_run() {
     let s3 = train_sft(&mut m3, &data, &cfg, &opts(&b, true, None), Some(&mut hook)).unwrap();
     assert_eq!(s3.step, 2 * n);
 
-    let (t1, t3) = (trainable(&m1), trainable(&m3));
-    assert_eq!(t1.len(), t3.len());
-    for ((n1, v1), (n3, v3)) in t1.iter().zip(&t3) {
-        assert_eq!(n1, n3);
-        let diff = v1
-            .iter()
-            .zip(v3)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(diff <= 1e-6, "{n1}: max diff {diff}");
-    }
+    assert_same_trainable(&m1, &m3);
+    let t3 = trainable(&m3);
     let (l1, l3) = (metric_lines(&a), metric_lines(&b));
     assert_eq!(l1, l3);
     assert_eq!(l1.iter().filter(|v| v.get("loss").is_some()).count(), 2 * n);
@@ -230,14 +236,7 @@ fn interrupt_checkpoints_and_resumes_exactly() {
     let s = train_sft(&mut m3, &data, &cfg, &opts(&b, true, None), None).unwrap();
     assert!(!s.interrupted);
     assert_eq!(s.step, 5);
-    for ((n1, v1), (_, v3)) in trainable(&m1).iter().zip(&trainable(&m3)) {
-        let diff = v1
-            .iter()
-            .zip(v3)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(diff <= 1e-6, "{n1}: max diff {diff}");
-    }
+    assert_same_trainable(&m1, &m3);
     assert_eq!(metric_lines(&a), metric_lines(&b));
 }
 
