@@ -41,9 +41,11 @@ pub fn dcg_reward(gold_ranks: &[Option<usize>], top_k: usize) -> Result<f64> {
 pub struct RewardConfig {
     /// Only the first `top_k` ranks earn reward.
     pub top_k: usize,
-    /// Reward of a trajectory that never emits `<|embed_token|>` (its retrieval reward is not
-    /// counted: the embedding was forced, not produced).
-    pub missing_embed_reward: f64,
+    /// Subtracted when a trajectory does not emit `<|embed_token|>` itself. Its retrieval
+    /// reward still counts (measured on the embedding forced by appending the template's
+    /// closing sentence, as inference does): replacing it with a constant would leave a policy
+    /// that never emits the token — the untrained one — with equal rewards and no signal.
+    pub missing_embed_penalty: f64,
     /// Reasoning tokens allowed before the over-budget penalty applies.
     pub reasoning_budget: usize,
     /// Subtracted once when the reasoning is longer than `reasoning_budget`.
@@ -56,7 +58,7 @@ impl Default for RewardConfig {
     fn default() -> Self {
         RewardConfig {
             top_k: 100,
-            missing_embed_reward: -1.0,
+            missing_embed_penalty: 0.5,
             reasoning_budget: 64,
             over_budget_penalty: 0.5,
             length_penalty: 0.0,
@@ -69,8 +71,7 @@ impl Default for RewardConfig {
 pub struct Reward {
     /// DCG reward of its embedding (counted only when the embed token was emitted).
     pub retrieval: f64,
-    /// Format term: 0, or [`RewardConfig::missing_embed_reward`] − retrieval when missing,
-    /// minus the over-budget penalty.
+    /// Format term: minus the missing-embed-token and over-budget penalties that apply.
     pub format: f64,
     /// Length shaping term (≤ 0).
     pub length: f64,
@@ -84,9 +85,7 @@ impl RewardConfig {
         let budget = self.reasoning_budget.max(1) as f64;
         let mut format = 0.0;
         if !emitted_embed {
-            // Replaces the retrieval reward, so a malformed trajectory never beats a valid one
-            // by luck of its forced embedding.
-            format += self.missing_embed_reward - retrieval;
+            format -= self.missing_embed_penalty;
         }
         if reasoning_tokens > self.reasoning_budget {
             format -= self.over_budget_penalty;
@@ -152,7 +151,7 @@ impl Default for GrpoLossConfig {
 }
 
 /// What the GRPO objective saw, for logging.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct GrpoStats {
     /// Token-weighted mean of the surrogate `min(ρÂ, clip(ρ)Â)`.
     pub surrogate: f64,

@@ -17,6 +17,9 @@
 //! * [`env`] — the RL environment: corpus vectors of the current policy in an ANN index,
 //!   refreshed locally (touched documents, then graph neighbours) under a budget, with drift
 //!   and reward-fidelity measurements against a fresh encoding.
+//! * [`rl`] — one stage-2 step: G sampled trajectories per query, rewards from the
+//!   environment, the GRPO objective on the trajectory tokens plus an InfoNCE term on the
+//!   trajectory embeddings against the environment's hard negatives.
 //! * [`plot`] — a PNG of a run's `metrics.jsonl` curves, one panel per series, text drawn with
 //!   a bundled font (no system font libraries).
 #![warn(missing_docs)]
@@ -27,6 +30,7 @@ pub mod grpo;
 pub mod losses;
 pub mod optim;
 pub mod plot;
+pub mod rl;
 pub mod sft;
 pub mod trainer;
 

@@ -153,7 +153,7 @@ fn plan(model: &Model, batch: &SftBatch) -> Result<Plan> {
 /// Groups sequence indices into micro-batches of at most `budget` padded tokens
 /// (`rows × longest row`; a single longer sequence gets a micro-batch of its own). Sequences
 /// are sorted by length first so that rows of a micro-batch waste little padding.
-fn micro_batches(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
+pub(crate) fn micro_batches(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lens.len()).collect();
     order.sort_by_key(|&i| lens[i]);
     let mut out: Vec<Vec<usize>> = Vec::new();
@@ -173,7 +173,7 @@ fn micro_batches(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
 
 /// Forward of `seqs` (right-padded): the hidden states `[b, t, d]` and the flat index
 /// `i·t + len_i − 1` of each row's last real token.
-fn encode(
+pub(crate) fn encode(
     model: &Model,
     seqs: &[&Vec<u32>],
     pad_id: u32,
@@ -192,7 +192,7 @@ fn encode(
 }
 
 /// Rows `idx` of `hidden [b, t, d]` viewed as `[b·t, d]` (differentiable).
-fn rows(hidden: &Tensor, idx: &[u32]) -> Result<Tensor> {
+pub(crate) fn rows(hidden: &Tensor, idx: &[u32]) -> Result<Tensor> {
     let (b, t, d) = hidden.dims3()?;
     let idx = Tensor::from_slice(idx, idx.len(), hidden.device())?;
     Ok(hidden.reshape((b * t, d))?.index_select(&idx, 0)?)
@@ -219,7 +219,10 @@ fn embed_all(model: &Model, seqs: &[&Vec<u32>], pad_id: u32, budget: usize) -> R
 
 /// Runs `f` with the adapters disabled (the frozen reference policy), restoring the flag
 /// whatever `f` returns.
-fn with_reference<T>(model: &mut Model, f: impl FnOnce(&Model) -> Result<T>) -> Result<T> {
+pub(crate) fn with_reference<T>(
+    model: &mut Model,
+    f: impl FnOnce(&Model) -> Result<T>,
+) -> Result<T> {
     let saved = model.lora_enabled;
     model.lora_enabled = false;
     let out = f(model);
@@ -458,6 +461,6 @@ pub fn sft_gradients(
     })
 }
 
-fn scalar(t: &Tensor) -> Result<f64> {
+pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }

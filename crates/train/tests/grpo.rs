@@ -45,17 +45,20 @@ fn format_and_length_terms() {
     let cfg = RewardConfig {
         reasoning_budget: 64,
         over_budget_penalty: 0.5,
-        missing_embed_reward: -1.0,
+        missing_embed_penalty: 0.3,
         length_penalty: 0.0,
         ..RewardConfig::default()
     };
     let ok = cfg.reward(0.6, true, 10);
     assert_eq!((ok.format, ok.length, ok.total), (0.0, 0.0, 0.6));
-    // Missing embed token: the forced embedding's retrieval does not count.
-    for r in [0.0, 0.9] {
-        let m = cfg.reward(r, false, 10);
-        assert!(close(m.total, -1.0, 1e-15), "{m:?}");
-    }
+    // Missing embed token: the forced embedding's retrieval counts, minus the penalty.
+    let m = cfg.reward(0.9, false, 10);
+    assert!(
+        close(m.format, -0.3, 1e-15) && close(m.total, 0.6, 1e-15),
+        "{m:?}"
+    );
+    let both = cfg.reward(0.9, false, 70);
+    assert!(close(both.total, 0.1, 1e-15), "{both:?}");
     let over = cfg.reward(0.6, true, 65);
     assert!(close(over.total, 0.1, 1e-15), "{over:?}");
     assert_eq!(
