@@ -89,7 +89,7 @@ fn local_refresh_reencodes_touched_then_neighbours_and_matches_fresh_encodings()
                 "{kind:?}: doc {d} is neither touched nor a graph neighbour of a touched doc"
             );
         }
-        for d in 0..40 {
+        for (d, old) in before.iter().enumerate() {
             let stored = env.stored(d).unwrap();
             if env.staleness(d) == 0 {
                 let diff = max_diff(&stored, &fresh(&m, &prompts, d));
@@ -98,10 +98,7 @@ fn local_refresh_reencodes_touched_then_neighbours_and_matches_fresh_encodings()
                     "{kind:?}: doc {d} differs from a fresh encoding by {diff}"
                 );
             } else {
-                assert_eq!(
-                    stored, before[d],
-                    "{kind:?}: doc {d} changed without a refresh"
-                );
+                assert_eq!(&stored, old, "{kind:?}: doc {d} changed without a refresh");
                 assert!(
                     max_diff(&stored, &fresh(&m, &prompts, d)) > 1e-4,
                     "update had no effect"

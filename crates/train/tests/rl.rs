@@ -110,7 +110,8 @@ fn every_trainable_tensor_gets_a_finite_nonzero_gradient() {
         assert_eq!(r.emitted, r.tokens.last() == Some(&EMBED));
         assert_eq!(r.sequence.last(), Some(&EMBED));
         // The embedding is what the environment would compute for this sequence.
-        let fresh = search_r3_train::embed_sequences(&m, &[r.sequence.clone()], 0, 256).unwrap();
+        let fresh = search_r3_train::embed_sequences(&m, std::slice::from_ref(&r.sequence), 0, 256)
+            .unwrap();
         let d = fresh[0]
             .iter()
             .zip(&r.embedding)
