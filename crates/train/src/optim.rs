@@ -196,6 +196,18 @@ impl GradAccumulator {
         Ok(out)
     }
 
+    /// The summed gradient per var (for callers that already weight each micro-batch's loss
+    /// by its share of the batch).
+    pub fn sum(&self) -> GradStore {
+        let mut out = GradStore::default();
+        for (var, sum) in self.vars.iter().zip(&self.sums) {
+            if let Some(s) = sum {
+                out.insert(var, s.clone());
+            }
+        }
+        out
+    }
+
     /// Forgets the accumulated gradients, ready for the next optimizer step.
     pub fn reset(&mut self) {
         self.sums.iter_mut().for_each(|s| *s = None);

@@ -9,7 +9,8 @@
 //! * an InfoNCE term that trains the embedding itself: each trajectory's embedding
 //!   (differentiable, the hidden state at its emitted or forced embed token) against its gold document and the
 //!   environment's highest-ranked non-gold documents as hard negatives, all from the index
-//!   (constants), other queries' candidates acting as in-batch negatives. `lambda_nce = 0`
+//!   (constants), the other trajectories' candidates in the same micro-batch acting as
+//!   in-batch negatives. `lambda_nce = 0`
 //!   switches it off (the ablation).
 //!
 //! The policy-gradient term alone moves the embedding only through the reasoning tokens it
@@ -20,6 +21,7 @@ use crate::env::RetrievalEnv;
 use crate::error::{invalid, Result};
 use crate::grpo::{group_advantages, grpo_loss, GrpoLossConfig, GrpoStats, Reward, RewardConfig};
 use crate::losses::{info_nce, token_log_probs};
+use crate::optim::GradAccumulator;
 use crate::sft::{encode, micro_batches, rows, scalar, with_reference};
 use crate::trainer::embed_sequences;
 use candle_core::backprop::GradStore;
@@ -265,7 +267,7 @@ pub fn rl_gradients(
     let use_nce = cfg.lambda_nce > 0.0;
 
     let vars: Vec<Var> = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
-    let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut sum = GradAccumulator::new(&vars);
     let mut acc = Accumulated::default();
     let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
     for mb in micro_batches(&lens, cfg.micro_tokens) {
@@ -337,24 +339,10 @@ pub fn rl_gradients(
             });
         }
         if let Some(s) = surrogate {
-            let grads = s.backward()?;
-            for (var, sum) in vars.iter().zip(sums.iter_mut()) {
-                if let Some(g) = grads.get(var) {
-                    let g = g.detach();
-                    *sum = Some(match sum.take() {
-                        None => g,
-                        Some(s) => (s + g)?,
-                    });
-                }
-            }
+            sum.add(&s.backward()?)?;
         }
     }
-    let mut grads = GradStore::default();
-    for (var, sum) in vars.iter().zip(sums) {
-        if let Some(s) = sum {
-            grads.insert(var, s);
-        }
-    }
+    let grads = sum.sum();
     let n = rollouts.len() as f64;
     let stats = RlStats {
         reward: rollouts.iter().map(|r| r.reward.total).sum::<f64>() / n,

@@ -35,6 +35,7 @@
 
 use crate::error::{invalid, Result};
 use crate::losses::{cross_entropy, info_nce, kl_to_reference, triplet, LossTerms, SftLossConfig};
+use crate::optim::GradAccumulator;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use search_r3_model::{Batch, Model, Path};
@@ -341,22 +342,10 @@ pub fn sft_gradients(
 
     // Step 3: differentiable re-encoding in micro-batches, gradients summed.
     let vars: Vec<Var> = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
-    let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut sum = GradAccumulator::new(&vars);
     let mut ce_value = 0f64;
     let mut kl_value = 0f64;
-    let mut accumulate = |surrogate: Tensor| -> Result<()> {
-        let grads = surrogate.backward()?;
-        for (var, sum) in vars.iter().zip(sums.iter_mut()) {
-            if let Some(g) = grads.get(var) {
-                let g = g.detach();
-                *sum = Some(match sum.take() {
-                    None => g,
-                    Some(s) => (s + g)?,
-                });
-            }
-        }
-        Ok(())
-    };
+    let mut accumulate = |surrogate: Tensor| -> Result<()> { sum.add(&surrogate.backward()?) };
 
     if contrastive || token_terms {
         let lens: Vec<usize> = queries.iter().map(|s| s.len()).collect();
@@ -432,12 +421,7 @@ pub fn sft_gradients(
         }
     }
 
-    let mut grads = GradStore::default();
-    for (var, sum) in vars.iter().zip(sums) {
-        if let Some(s) = sum {
-            grads.insert(var, s);
-        }
-    }
+    let grads = sum.sum();
     let ce = (cfg.lambda_ce > 0.0).then_some(ce_value);
     let kl = (cfg.lambda_kl > 0.0).then_some(kl_value);
     let total = [
