@@ -7,15 +7,14 @@
 //!   reference policy (the same weights with adapters off), averaged over tokens
 //!   ([`grpo_loss`]); and
 //! * an InfoNCE term that trains the embedding itself: each trajectory's embedding
-//!   (differentiable, the hidden state at its emitted or forced embed token) against its gold document and the
-//!   environment's highest-ranked non-gold documents as hard negatives, all from the index
-//!   (constants), the other trajectories' candidates in the same micro-batch acting as
-//!   in-batch negatives. `lambda_nce = 0`
-//!   switches it off (the ablation).
+//!   (differentiable, the hidden state at its emitted or forced embed token) against its gold
+//!   document and the environment's highest-ranked non-gold documents as hard negatives, all
+//!   from the index (constants), the other trajectories' candidates in the same micro-batch
+//!   acting as in-batch negatives. `lambda_nce = 0` switches it off (the ablation).
 //!
 //! The policy-gradient term alone moves the embedding only through the reasoning tokens it
-//! makes likelier; the InfoNCE term moves it directly, which the paper's description ("the
-//! loss trains the embedding itself") requires and GRPO's token objective cannot provide.
+//! makes likelier; the InfoNCE term moves it directly, which the issue asks for ("the loss
+//! trains the embedding itself") and GRPO's token objective cannot provide.
 
 use crate::env::RetrievalEnv;
 use crate::error::{invalid, Result};
