@@ -7,7 +7,7 @@
 use crate::embedder::{EmbedError, Embedder};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -290,6 +290,10 @@ pub fn encode_documents(
     };
     let mut tokens = 0usize;
     let run_start = Instant::now();
+    // indicatif draws nothing when stderr is a file: logs get a plain line every 30 s instead.
+    let plain = opts.progress && !std::io::stderr().is_terminal();
+    let mut last_line = Instant::now();
+    let mut done = done_docs;
     for (bi, batch) in batches.iter().enumerate() {
         if finished[bi] {
             continue;
@@ -313,7 +317,18 @@ pub fn encode_documents(
             vectors[i] = Some(v);
         }
         pb.inc(batch.len() as u64);
+        done += batch.len();
         let el = run_start.elapsed().as_secs_f64().max(1e-9);
+        if plain && (last_line.elapsed().as_secs() >= 30 || done == texts.len()) {
+            last_line = Instant::now();
+            // Batches run longest-first, so the docs-based ETA errs on the long side.
+            let left = el / (done - done_docs) as f64 * (texts.len() - done) as f64;
+            eprintln!(
+                "encoding: {done}/{} docs, {:.0} tok/s, ETA {left:.0} s",
+                texts.len(),
+                tokens as f64 / el
+            );
+        }
         pb.set_message(format!(
             "{:.0} tok/s ({} of {} tokens)",
             tokens as f64 / el,

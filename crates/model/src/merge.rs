@@ -54,7 +54,10 @@ impl Model {
                         None => Ok(Tensor::zeros((rows, *width), w.dtype(), w.device())?),
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Ok((w + Tensor::cat(&cols, 1)?)?.contiguous()?)
+                // Detached: the factors are Vars, and a merged weight that remembered them
+                // would make every forward record a graph (measured: 9.8 GB peak and 2.4×
+                // slower SciFact encoding before this).
+                Ok((w + Tensor::cat(&cols, 1)?)?.contiguous()?.detach())
             };
             l.wqkv_t = fold(
                 &l.wqkv_t,

@@ -417,6 +417,11 @@ impl Model {
         let (cos, sin) = self.rope_tables(batch)?;
         let bias = self.attention_bias(batch, past)?;
         let mut x = self.embed(&batch.ids)?.reshape((b, t, d))?;
+        if path == Path::Fast {
+            // The embed-token row is a Var; without this the residual stream of every block
+            // would be recorded for a backward pass that the fast path never runs.
+            x = x.detach();
+        }
         let mut layers = Vec::new();
         for (i, lw) in self.weights.layers.iter().enumerate() {
             let cache_i = cache.as_deref_mut();
@@ -506,9 +511,12 @@ impl Model {
         let (h, kvh, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let lora = self.active_lora();
         let lo = |tgt: LoraTarget, inp: &Tensor, y: Tensor| -> Result<Tensor> {
-            match lora {
-                Some(l) => l.apply(li, tgt, inp, y),
-                None => Ok(y),
+            match (lora, path) {
+                // The adapters are Vars: on the fast path their output must not start an
+                // autograd graph that would keep every later activation alive.
+                (Some(l), Path::Fast) => Ok(l.apply(li, tgt, inp, y)?.detach()),
+                (Some(l), Path::Diff) => l.apply(li, tgt, inp, y),
+                (None, _) => Ok(y),
             }
         };
 

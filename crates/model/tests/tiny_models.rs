@@ -1070,6 +1070,18 @@ fn fast_and_diff_paths_agree_with_lora() {
         );
         let d = real_positions_diff(&fast, &diffp, &s);
         assert!(d <= 1e-5, "{}: Fast vs Diff differ by {d}", spec.arch);
+        // The fast path records no autograd graph (it would keep every activation alive);
+        // the differentiable one does.
+        assert!(
+            !fast.track_op(),
+            "{}: fast path output tracks a graph",
+            spec.arch
+        );
+        assert!(
+            diffp.track_op(),
+            "{}: diff path output lost its graph",
+            spec.arch
+        );
         // lora_enabled = false gives back the base model on both paths.
         m.lora_enabled = false;
         for p in [Path::Fast, Path::Diff] {
@@ -1986,6 +1998,13 @@ fn merged_adapters_match_unmerged_and_round_trip_as_hf_dir() {
         let mut merged = m.clone();
         merged.merge_lora().unwrap();
         assert!(merged.lora.is_none());
+        for (name, t) in base_tensors(&merged) {
+            assert!(
+                !t.track_op(),
+                "{}: merged {name} remembers the adapter graph",
+                spec.arch
+            );
+        }
         for p in [Path::Fast, Path::Diff] {
             let d = real_positions_diff(&hidden(&merged, &s, p), &want, &s);
             assert!(d <= 1e-5, "{}: merged differs by {d} ({p:?})", spec.arch);
