@@ -9,14 +9,13 @@
 //! (`assets/DejaVuSans.ttf`, license in `assets/DejaVu-LICENSE.txt`), so plotting needs no
 //! fontconfig or freetype on the machine.
 
-use crate::error::{Error, Result};
+use crate::error::{file_err, write_atomic, Error, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -107,13 +106,6 @@ fn register_bundled_font() -> Result<()> {
         Err(Error::Invalid(
             "plot: the bundled DejaVuSans.ttf could not be parsed".into(),
         ))
-    }
-}
-
-fn file_err(path: &Path, msg: impl std::fmt::Display) -> Error {
-    Error::File {
-        path: path.to_path_buf(),
-        msg: msg.to_string(),
     }
 }
 
@@ -385,23 +377,4 @@ fn encode_png(rgb: &[u8], width: u32, height: u32) -> std::result::Result<Vec<u8
         .map_err(|e| format!("encoding PNG: {e}"))?;
     w.finish().map_err(|e| format!("encoding PNG: {e}"))?;
     Ok(bytes)
-}
-
-/// Writes `bytes` to `.NAME.tmp` beside `out`, syncs it and renames it over `out`; on failure
-/// the temporary file is removed so that failed plots leave nothing behind.
-fn write_atomic(out: &Path, bytes: &[u8]) -> Result<()> {
-    let name = out
-        .file_name()
-        .ok_or_else(|| file_err(out, "not a file path"))?;
-    let tmp = out.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| file_err(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| file_err(&tmp, e))?;
-        f.sync_all().map_err(|e| file_err(&tmp, e))?;
-        std::fs::rename(&tmp, out).map_err(|e| file_err(out, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }

@@ -22,7 +22,7 @@ use crate::grpo::{group_advantages, grpo_loss, GrpoLossConfig, GrpoStats, Reward
 use crate::losses::{info_nce, token_log_probs};
 use crate::optim::GradAccumulator;
 use crate::sft::{encode, micro_batches, rows, scalar, with_reference};
-use crate::trainer::embed_sequences;
+use crate::trainer::{embed_sequences, unit};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use search_r3_model::{generate, GenerationConfig, Model, Path, StopReason, TextTokenizer};
@@ -425,12 +425,4 @@ fn nce_candidates(
         }
     }
     Ok((docs, positive, keep))
-}
-
-fn unit(mut v: Vec<f32>) -> Vec<f32> {
-    let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    if n > 0.0 {
-        v.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
-    }
-    v
 }

@@ -18,7 +18,7 @@
 //! * at the end, `final.safetensors`, `adapter.safetensors` (the best-eval state, or the final
 //!   one when no evaluation ran) and `manifest.json`.
 
-use crate::error::{invalid, Error, Result};
+use crate::error::{file_err, invalid, write_atomic, Error, Result};
 use crate::losses::{LossTerms, SftLossConfig};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule};
 use crate::sft::{sft_gradients, SftBatch, SftExample};
@@ -517,16 +517,21 @@ pub fn embed_sequences(
             .collect();
         let idx = candle_core::Tensor::from_slice(&last, last.len(), flat.device())?;
         let rows: Vec<Vec<f32>> = flat.index_select(&idx, 0)?.to_vec2()?;
-        for (k, mut v) in rows.into_iter().enumerate() {
-            let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-            if n > 0.0 {
-                v.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
-            }
-            out[order[start + k]] = v;
+        for (k, v) in rows.into_iter().enumerate() {
+            out[order[start + k]] = unit(v);
         }
         start = end;
     }
     Ok(out)
+}
+
+/// `v / ‖v‖` (norm accumulated in f64); a zero vector stays zero.
+pub(crate) fn unit(mut v: Vec<f32>) -> Vec<f32> {
+    let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
+    }
+    v
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -535,15 +540,8 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// sha256 (hex) of a file's bytes.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
     Ok(sha256_hex(&bytes))
-}
-
-fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::File {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    }
 }
 
 fn mean_terms(terms: &[LossTerms]) -> LossTerms {
@@ -565,14 +563,7 @@ fn mean_terms(terms: &[LossTerms]) -> LossTerms {
 fn log_line(file: &mut std::fs::File, path: &Path, v: &serde_json::Value) -> Result<()> {
     writeln!(file, "{v}")
         .and_then(|_| file.flush())
-        .map_err(|e| io_err(path, e))
-}
-
-/// Writes `bytes` to `path` via a temporary file in the same directory and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| io_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+        .map_err(|e| file_err(path, e))
 }
 
 fn write_checkpoint(
@@ -584,9 +575,9 @@ fn write_checkpoint(
 ) -> Result<()> {
     let tmp = out.join(format!(".checkpoint.tmp-{}", std::process::id()));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+        std::fs::remove_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
     save_trainable(model, &tmp.join(ADAPTER), meta)?;
     opt.save(&tmp.join(OPTIMIZER))?;
     state.files.clear();
@@ -596,18 +587,18 @@ fn write_checkpoint(
             .insert(f.to_string(), sha256_file(&tmp.join(f))?);
     }
     let json = serde_json::to_vec_pretty(state).expect("state serialises");
-    std::fs::write(tmp.join(STATE), json).map_err(|e| io_err(&tmp.join(STATE), e))?;
+    std::fs::write(tmp.join(STATE), json).map_err(|e| file_err(&tmp.join(STATE), e))?;
     let dst = out.join(CKPT);
     let old = out.join(CKPT_OLD);
     if dst.exists() {
         if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| io_err(&old, e))?;
+            std::fs::remove_dir_all(&old).map_err(|e| file_err(&old, e))?;
         }
-        std::fs::rename(&dst, &old).map_err(|e| io_err(&dst, e))?;
+        std::fs::rename(&dst, &old).map_err(|e| file_err(&dst, e))?;
     }
-    std::fs::rename(&tmp, &dst).map_err(|e| io_err(&dst, e))?;
+    std::fs::rename(&tmp, &dst).map_err(|e| file_err(&dst, e))?;
     if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| io_err(&old, e))?;
+        std::fs::remove_dir_all(&old).map_err(|e| file_err(&old, e))?;
     }
     Ok(())
 }
@@ -619,20 +610,20 @@ fn read_checkpoint(out: &Path) -> Result<TrainerState> {
     let dir = out.join(CKPT);
     let old = out.join(CKPT_OLD);
     if !dir.exists() && old.exists() {
-        std::fs::rename(&old, &dir).map_err(|e| io_err(&dir, e))?;
+        std::fs::rename(&old, &dir).map_err(|e| file_err(&dir, e))?;
     }
     let state_path = dir.join(STATE);
     if !state_path.exists() {
-        return Err(io_err(
+        return Err(file_err(
             &state_path,
             "no checkpoint to resume from (run without --resume to start afresh)",
         ));
     }
-    let text = std::fs::read_to_string(&state_path).map_err(|e| io_err(&state_path, e))?;
+    let text = std::fs::read_to_string(&state_path).map_err(|e| file_err(&state_path, e))?;
     let state: TrainerState = serde_json::from_str(&text)
-        .map_err(|e| io_err(&state_path, format!("corrupted checkpoint state: {e}")))?;
+        .map_err(|e| file_err(&state_path, format!("corrupted checkpoint state: {e}")))?;
     if state.format != STATE_FORMAT {
-        return Err(io_err(
+        return Err(file_err(
             &state_path,
             format!("unknown checkpoint format `{}`", state.format),
         ));
@@ -640,11 +631,14 @@ fn read_checkpoint(out: &Path) -> Result<TrainerState> {
     for f in [ADAPTER, OPTIMIZER] {
         let path = dir.join(f);
         let Some(want) = state.files.get(f) else {
-            return Err(io_err(&state_path, format!("no checksum recorded for {f}")));
+            return Err(file_err(
+                &state_path,
+                format!("no checksum recorded for {f}"),
+            ));
         };
         let got = sha256_file(&path)?;
         if &got != want {
-            return Err(io_err(
+            return Err(file_err(
                 &path,
                 format!(
                     "corrupted checkpoint file: sha256 {got} does not match the recorded {want}"
@@ -661,7 +655,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(io_err(path, e)),
+        Err(e) => return Err(file_err(path, e)),
     };
     let mut kept = String::new();
     for line in text.lines() {
@@ -712,7 +706,7 @@ pub fn train_sft(
     let config_hash = cfg.hash();
     let data_hash = data.hash();
     let out = opts.out.as_path();
-    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    std::fs::create_dir_all(out).map_err(|e| file_err(out, e))?;
     let metrics_path = out.join(METRICS);
 
     model.add_lora(cfg.lora.config(), cfg.lora.seed)?;
@@ -721,13 +715,13 @@ pub fn train_sft(
         let s = read_checkpoint(out)?;
         let dir = out.join(CKPT);
         if s.config_hash != config_hash {
-            return Err(io_err(
+            return Err(file_err(
                 &dir.join(STATE),
                 "checkpoint was written with a different config (hash mismatch); resume with the same config",
             ));
         }
         if s.data_hash != data_hash {
-            return Err(io_err(
+            return Err(file_err(
                 &dir.join(STATE),
                 "checkpoint was written for different training data (hash mismatch)",
             ));
@@ -737,12 +731,12 @@ pub fn train_sft(
         s
     } else {
         if out.join(CKPT).exists() {
-            return Err(io_err(
+            return Err(file_err(
                 &out.join(CKPT),
                 "a checkpoint already exists here: pass --resume to continue, or choose another output directory",
             ));
         }
-        std::fs::write(&metrics_path, b"").map_err(|e| io_err(&metrics_path, e))?;
+        std::fs::write(&metrics_path, b"").map_err(|e| file_err(&metrics_path, e))?;
         TrainerState {
             format: STATE_FORMAT.into(),
             step: 0,
@@ -763,7 +757,7 @@ pub fn train_sft(
     let mut metrics = std::fs::OpenOptions::new()
         .append(true)
         .open(&metrics_path)
-        .map_err(|e| io_err(&metrics_path, e))?;
+        .map_err(|e| file_err(&metrics_path, e))?;
 
     let bar = if opts.progress {
         let pb = indicatif::ProgressBar::new(cfg.steps as u64);
@@ -955,7 +949,7 @@ pub fn train_sft(
         _ => (final_path, state.step),
     };
     let adapter = out.join(ADAPTER);
-    std::fs::copy(&src, &adapter).map_err(|e| io_err(&adapter, e))?;
+    std::fs::copy(&src, &adapter).map_err(|e| file_err(&adapter, e))?;
     let mut manifest = serde_json::Map::new();
     manifest.insert("format".into(), "search-r3-sft-adapter".into());
     manifest.insert("version".into(), 1.into());

@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::tiny::{tiny_base, Rng, EMBED};
+use common::tiny::{tiny_with_lora, Rng, EMBED};
 use search_r3_index::IndexKind;
-use search_r3_model::{LoraConfig, LoraTarget, Model};
+use search_r3_model::{LoraTarget, Model};
 use search_r3_train::embed_sequences;
 use search_r3_train::env::{kendall_tau_b, spearman, ProbeQuery, RefreshPolicy, RetrievalEnv};
 
@@ -24,17 +24,7 @@ fn corpus(n: usize, seed: u64) -> Vec<Vec<u32>> {
 
 /// The base model with LoRA on q and v (B = 0: identical to the base until `update`).
 fn model(seed: u64) -> Model {
-    let mut m = tiny_base(&mut Rng::new(seed));
-    m.add_lora(
-        LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            targets: vec![LoraTarget::Q, LoraTarget::V],
-        },
-        1,
-    )
-    .unwrap();
-    m
+    tiny_with_lora(seed, &[LoraTarget::Q, LoraTarget::V], 1)
 }
 
 /// A stand-in for an optimizer step: every LoRA B factor moves.

@@ -4,9 +4,9 @@
 
 mod common;
 
-use common::tiny::{tiny_base, Rng, ASSISTANT, EMBED, VOCAB};
+use common::tiny::{tiny_with_lora, Rng, ASSISTANT, EMBED, VOCAB};
 use search_r3_index::IndexKind;
-use search_r3_model::{LoraConfig, LoraTarget, Model, TextTokenizer};
+use search_r3_model::{LoraTarget, Model, TextTokenizer};
 use search_r3_train::env::{RefreshPolicy, RetrievalEnv};
 use search_r3_train::rl::{rl_gradients, rollout, touched_documents, RlQuery, RlStepConfig};
 use search_r3_train::{clip_grad_norm, AdamW, AdamWConfig};
@@ -39,17 +39,7 @@ fn tokenizer(dir: &std::path::Path) -> TextTokenizer {
 }
 
 fn model(seed: u64) -> Model {
-    let mut m = tiny_base(&mut Rng::new(seed));
-    m.add_lora(
-        LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            targets: vec![LoraTarget::Q, LoraTarget::V, LoraTarget::Down],
-        },
-        2,
-    )
-    .unwrap();
-    m
+    tiny_with_lora(seed, &[LoraTarget::Q, LoraTarget::V, LoraTarget::Down], 2)
 }
 
 /// `n` documents and `n` queries; query i's gold document is doc i.

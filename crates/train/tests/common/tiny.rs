@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use search_r3_model::config::{Arch, ModelConfig};
 use search_r3_model::weights::{LayerWeights, Weights};
-use search_r3_model::Model;
+use search_r3_model::{LoraConfig, LoraTarget, Model};
 
 /// Ordinary vocabulary size.
 pub const VOCAB: usize = 64;
@@ -91,4 +91,20 @@ pub fn tiny_base(rng: &mut Rng) -> Model {
     let mut model = Model::new(config, weights).unwrap();
     model.add_embed_token(EMBED).unwrap();
     model
+}
+
+/// [`tiny_base`] from `seed` with rank-4 LoRA (α 8) on `targets`, initialised from `lora_seed`;
+/// B = 0, so it computes what the base computes until B moves.
+pub fn tiny_with_lora(seed: u64, targets: &[LoraTarget], lora_seed: u64) -> Model {
+    let mut m = tiny_base(&mut Rng::new(seed));
+    m.add_lora(
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: targets.to_vec(),
+        },
+        lora_seed,
+    )
+    .unwrap();
+    m
 }
