@@ -17,7 +17,7 @@ use search_r3_core::dataset::{load_split, BeirSplit};
 use search_r3_core::encode::EncodeOptions;
 use search_r3_core::metrics::evaluate;
 use search_r3_core::searcher::{BuildOptions, Searcher};
-use search_r3_core::trec::{fuse_rrf, read_run, write_run, Run, RRF_K};
+use search_r3_core::trec::{cmp_trec, fuse_rrf, read_run, write_run, Run, RRF_K};
 use search_r3_core::QueryMode;
 use search_r3_index::{
     check_compatible, load_index_with_files, read_meta, save_index_with_files, AnyIndex, DocKey,
@@ -492,6 +492,9 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     }
     timings.insert("total_s".into(), json!(t0.elapsed().as_secs_f64()));
     print_metrics(&ev, a.per_query)?;
+    let reward = retrieval_reward(&ds, &run, a.r.depth)?;
+    println!("{:<12} {:>8.4}", "reward", reward.mean);
+    println!("{:<12} {:>8.4}", "reward>=0.5", reward.ge_half);
     println!("{:<12} {:>8}", "docs", ds.corpus.len());
     println!("{:<12} {:>8.1}", "wall_s", t0.elapsed().as_secs_f64());
 
@@ -507,6 +510,10 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     if let Some(path) = &a.out {
         let mut json = metrics_json(&ev, a.per_query)?;
         json.insert("docs".into(), json!(ds.corpus.len()));
+        json.insert(
+            "reward".into(),
+            json!({"mean": reward.mean, "ge_half": reward.ge_half, "top_k": a.r.depth}),
+        );
         config.insert("dataset".into(), json!(a.dataset.display().to_string()));
         config.insert("split".into(), json!(a.split));
         config.insert("depth".into(), json!(a.r.depth));
@@ -521,4 +528,47 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Search-R3's retrieval reward over a run's scored queries.
+struct RewardSummary {
+    /// Mean reward.
+    mean: f64,
+    /// Share of queries with reward ≥ 0.5.
+    ge_half: f64,
+}
+
+/// The stage-2 reward of each judged query (`(1/|gold|) Σ 1/log2(1 + rank)` over its relevant
+/// documents, 0 below `top_k`; ranks in trec_eval order), averaged: the "mean test reward" and
+/// "share of queries with reward ≥ 0.5" the paper reports.
+fn retrieval_reward(ds: &BeirSplit, run: &Run, top_k: usize) -> Result<RewardSummary> {
+    let (mut sum, mut ge, mut n) = (0.0, 0usize, 0usize);
+    for (qid, hits) in run {
+        let Some(judged) = ds.qrels.judgments(qid) else {
+            continue;
+        };
+        let gold: Vec<&String> = judged
+            .iter()
+            .filter(|(_, &g)| g >= 1)
+            .map(|(d, _)| d)
+            .collect();
+        if gold.is_empty() {
+            continue;
+        }
+        let mut ranked: Vec<(&str, f64)> = hits.iter().map(|(d, s)| (d.as_str(), *s)).collect();
+        ranked.sort_by(|x, y| cmp_trec(*x, *y));
+        let ranks: Vec<Option<usize>> = gold
+            .iter()
+            .map(|g| ranked.iter().position(|(d, _)| d == g).map(|p| p + 1))
+            .collect();
+        let r = search_r3_train::grpo::dcg_reward(&ranks, top_k)?;
+        sum += r;
+        ge += usize::from(r >= 0.5);
+        n += 1;
+    }
+    let n = n.max(1) as f64;
+    Ok(RewardSummary {
+        mean: sum / n,
+        ge_half: ge as f64 / n,
+    })
 }

@@ -64,7 +64,7 @@ enum Cmd {
     /// Adapter tools (`adapter merge`: fold an adapter into its base model).
     #[command(subcommand)]
     Adapter(adapter::AdapterCmd),
-    /// Train Search-R3 adapters (`train sft`: stage 1, contrastive SFT with LoRA).
+    /// Train Search-R3 adapters (`train sft`: stage 1, contrastive SFT; `train rl`: stage 2, GRPO).
     #[command(subcommand)]
     Train(train::TrainCmd),
     /// Plot a training run's curves from its metrics.jsonl to a PNG (default: curves.png next

@@ -20,8 +20,10 @@ use search_r3_core::metrics::evaluate_query;
 use search_r3_core::searcher::{load_embedder, EmbedderOptions};
 use search_r3_core::triples::{read_triples, triples_from_split, Triple};
 use search_r3_model::Model;
+use search_r3_model::state::load_trainable;
 use search_r3_train::{
-    embed_sequences, train_sft, EvalHook, SftConfig, TrainData, TrainOptions, TrainQuery,
+    embed_sequences, train_rl, train_sft, EvalHook, RlConfig, RlData, RlQuery, SftConfig,
+    TrainData, TrainOptions, TrainQuery,
 };
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -32,6 +34,44 @@ pub enum TrainCmd {
     /// Stage 1: contrastive SFT (CE + KL + InfoNCE + triplet) of LoRA adapters and the
     /// embed-token row; writes OUT/adapter.safetensors and OUT/manifest.json.
     Sft(SftArgs),
+    /// Stage 2: GRPO with a retrieval reward from an environment index that is refreshed
+    /// locally; writes OUT/adapter.safetensors (stacked on --adapter) and OUT/manifest.json.
+    Rl(RlArgs),
+}
+
+/// `search-r3 train rl`.
+#[derive(Args, Debug)]
+pub struct RlArgs {
+    /// A fetched name (smollm2, qwen2.5-coder-0.5b), a .gguf file, or an HF model directory.
+    #[arg(long, short, default_value = "smollm2")]
+    model: String,
+    /// The stage-1 adapter (file or run directory) the policy starts from; it is folded into
+    /// the weights, is the KL reference, and the saved adapter includes it.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// BEIR dataset directory: the split's queries and judgements are the training task, its
+    /// corpus the environment's documents.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// The split to train on (test judgements are never read unless named here).
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Output directory (checkpoints, metrics.jsonl, curves.png, adapter.safetensors,
+    /// manifest.json).
+    #[arg(long)]
+    out: PathBuf,
+    /// Stage-2 config (TOML); every key is optional, unknown keys are errors.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue from OUT/checkpoint (same config and data required).
+    #[arg(long)]
+    resume: bool,
+    /// Use at most this many queries (after the seeded shuffle; held-out ones included).
+    #[arg(long)]
+    max_queries: Option<usize>,
+    /// Prompt templates (TOML) instead of the built-in ones for the model family.
+    #[arg(long)]
+    templates: Option<PathBuf>,
 }
 
 /// `search-r3 train sft`.
@@ -151,6 +191,7 @@ impl DocTable<'_> {
 pub fn run(cmd: &TrainCmd) -> Result<()> {
     match cmd {
         TrainCmd::Sft(a) => sft(a),
+        TrainCmd::Rl(a) => rl(a),
     }
 }
 
@@ -357,4 +398,210 @@ fn sha256_file(path: &std::path::Path) -> Result<String> {
     use sha2::Digest;
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+fn rl(a: &RlArgs) -> Result<()> {
+    let cfg = match &a.config {
+        Some(p) => RlConfig::from_file(p)?,
+        None => RlConfig::default(),
+    };
+    let started = std::time::Instant::now();
+    let ds = load_split(&a.dataset, &a.split, &ReadOptions::default())
+        .with_context(|| format!("loading {} split `{}`", a.dataset.display(), a.split))?;
+    let mut triples = triples_from_split(&ds)?;
+    if triples.is_empty() {
+        bail!("the split has no queries");
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    triples.shuffle(&mut rng);
+    if let Some(m) = a.max_queries {
+        triples.truncate(m);
+    }
+    let held = if triples.len() >= cfg.eval_queries + cfg.queries_per_step {
+        cfg.eval_queries
+    } else {
+        eprintln!(
+            "warning: {} queries are too few to hold out {} for evaluation; no eval",
+            triples.len(),
+            cfg.eval_queries
+        );
+        0
+    };
+
+    let (mut embedder, identity) = load_embedder(
+        &a.model,
+        &EmbedderOptions {
+            adapter: None,
+            templates: a.templates.clone(),
+            max_doc_tokens: Some(cfg.max_doc_tokens),
+        },
+    )
+    .with_context(|| format!("loading model `{}`", a.model))?;
+    // The stage-1 adapter becomes part of the weights: the reference policy is then the
+    // stage-1 model, and the stage-2 adapter is saved stacked onto it.
+    let (base, base_sha) = match &a.adapter {
+        Some(p) => {
+            let file = if p.is_dir() {
+                p.join("adapter.safetensors")
+            } else {
+                p.clone()
+            };
+            let model = &mut embedder.model.model;
+            let md = load_trainable(model, &file)
+                .with_context(|| format!("loading the stage-1 adapter {}", file.display()))?;
+            if let Some(b) = md.get("base_model_sha256").filter(|b| **b != identity.sha256) {
+                bail!(
+                    "{}: adapter was trained on a base model with sha256 {b}, not on `{}` ({})",
+                    file.display(),
+                    a.model,
+                    identity.sha256
+                );
+            }
+            let lora = model.lora.clone();
+            model.merge_lora()?;
+            (lora, Some(sha256_file(&file)?))
+        }
+        None => (None, None),
+    };
+
+    // The environment corpus: every used query's gold documents, then random others.
+    let pos_of = ds.doc_positions();
+    let mut corpus: Vec<usize> = Vec::new();
+    let mut slot: HashMap<usize, usize> = HashMap::new();
+    let mut golds = Vec::with_capacity(triples.len());
+    for t in &triples {
+        let mut g = Vec::new();
+        for id in &t.pos_ids {
+            let p = pos_of[id.as_str()];
+            let s = *slot.entry(p).or_insert_with(|| {
+                corpus.push(p);
+                corpus.len() - 1
+            });
+            g.push(s);
+        }
+        golds.push(g);
+    }
+    let gold_docs = corpus.len();
+    let mut others: Vec<usize> = (0..ds.corpus.len())
+        .filter(|p| !slot.contains_key(p))
+        .collect();
+    others.shuffle(&mut rng);
+    corpus.extend(others.into_iter().take(cfg.env_docs.saturating_sub(gold_docs)));
+    let mut truncated = 0;
+    let mut docs = Vec::with_capacity(corpus.len());
+    for &p in &corpus {
+        let d = embedder.document_prompt(&ds.corpus[p].full_text())?;
+        truncated += d.truncated as usize;
+        docs.push(d.ids);
+    }
+    let mut queries = Vec::new();
+    let mut eval = Vec::new();
+    let mut query_truncated = 0;
+    for (i, (t, gold)) in triples.iter().zip(golds).enumerate() {
+        let (prompt, cut) = embedder.reason_prompt(&t.query, cfg.max_query_tokens)?;
+        query_truncated += cut as usize;
+        let q = RlQuery { prompt, gold };
+        if i < held {
+            eval.push(q);
+        } else {
+            queries.push(q);
+        }
+    }
+    eprintln!(
+        "{} training queries, {} held out; environment: {} documents ({} gold, {} truncated to {} tokens), {:?} index, refresh {}",
+        queries.len(),
+        eval.len(),
+        docs.len(),
+        gold_docs,
+        truncated,
+        cfg.max_doc_tokens,
+        cfg.index,
+        search_r3_train::policy_name(&cfg.refresh)
+    );
+    if gold_docs > cfg.env_docs {
+        eprintln!(
+            "note: the queries' gold documents alone ({gold_docs}) exceed env_docs = {}; no random documents were added",
+            cfg.env_docs
+        );
+    }
+    let data = RlData {
+        queries,
+        eval,
+        docs,
+        pad_id: embedder.model.tokenizer.pad_id,
+        forced_suffix: embedder.forced_suffix().to_vec(),
+    };
+
+    let mut adapter_metadata = HashMap::new();
+    adapter_metadata.insert("base_model".into(), embedder.model.id.clone());
+    adapter_metadata.insert("base_model_sha256".into(), identity.sha256.clone());
+    adapter_metadata.insert("template_hash".into(), identity.template_hash.clone());
+    let mut manifest = serde_json::Map::new();
+    manifest.insert(
+        "base_model".into(),
+        serde_json::json!({"spec": a.model, "id": embedder.model.id, "sha256": identity.sha256}),
+    );
+    manifest.insert(
+        "stage1_adapter".into(),
+        serde_json::json!(a.adapter.as_ref().map(|p| serde_json::json!({
+            "path": p.display().to_string(), "sha256": base_sha}))),
+    );
+    manifest.insert("templates_hash".into(), identity.template_hash.clone().into());
+    manifest.insert(
+        "templates".into(),
+        serde_json::to_value(&embedder.templates)?,
+    );
+    manifest.insert(
+        "source".into(),
+        serde_json::json!({"dataset": a.dataset.display().to_string(), "split": a.split}),
+    );
+    manifest.insert(
+        "truncated".into(),
+        serde_json::json!({"docs": truncated, "queries": query_truncated}),
+    );
+    manifest.insert(
+        "command_line".into(),
+        std::env::args().collect::<Vec<_>>().join(" ").into(),
+    );
+    let opts = TrainOptions {
+        out: a.out.clone(),
+        resume: a.resume,
+        progress: true,
+        stop_after: None,
+        adapter_metadata,
+        manifest,
+        interrupt: Some(crate::retrieval::cancel_flag()),
+    };
+    let tok = embedder.model.tokenizer.clone();
+    let summary = train_rl(
+        &mut embedder.model.model,
+        &tok,
+        &data,
+        &cfg,
+        base.as_ref(),
+        &opts,
+    )?;
+    if summary.interrupted {
+        bail!(
+            "interrupted after step {} of {}; the checkpoint in {} continues with the same \
+             command plus --resume",
+            summary.step,
+            cfg.steps,
+            a.out.display()
+        );
+    }
+    eprintln!(
+        "done: {} steps in {:.0}s ({} skipped); start eval {}; best eval {}; adapter {}",
+        summary.step,
+        started.elapsed().as_secs_f64(),
+        summary.skipped_steps,
+        summary
+            .start_eval
+            .map_or("-".into(), |e| format!("{:.4}", e.ndcg10)),
+        summary
+            .best
+            .map_or("-".into(), |b| format!("{:.4} at step {}", b.score, b.step)),
+        a.out.join("adapter.safetensors").display()
+    );
+    Ok(())
 }

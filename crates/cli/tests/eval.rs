@@ -108,6 +108,10 @@ fn bm25_results_have_the_required_keys_and_agree_with_score() {
     assert_eq!(r["config"]["model"], "bm25");
     assert_eq!(r["config"]["split"], "test");
     assert_eq!(r["ndcg@10"], 1.0, "each answer shares its key terms: {r}");
+    // Every gold document at rank 1: the stage-2 reward 1/log2(2) = 1 for each query.
+    assert_eq!(r["reward"]["mean"], 1.0, "{r}");
+    assert_eq!(r["reward"]["ge_half"], 1.0, "{r}");
+    assert!(stdout.contains("reward>=0.5"), "{stdout}");
 
     // The run file re-scores to the same numbers.
     let rescored = tmp.path().join("rescored.json");

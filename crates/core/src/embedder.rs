@@ -203,6 +203,26 @@ impl Embedder {
         Ok((ids, start, truncated))
     }
 
+    /// The reasoning-mode prompt of a query (the assistant turn left open for the model's
+    /// analysis) with the query text cut to `max_text_tokens`; the flag says whether it was
+    /// cut. Stage 2 samples its trajectories from this prompt.
+    pub fn reason_prompt(
+        &self,
+        query: &str,
+        max_text_tokens: usize,
+    ) -> Result<(Vec<u32>, bool), EmbedError> {
+        let mut body = self.model.tokenizer.encode(query)?;
+        let truncated = body.len() > max_text_tokens;
+        body.truncate(max_text_tokens);
+        Ok((join(&self.reason, &body), truncated))
+    }
+
+    /// What reasoning mode appends when the model stops without writing `<|embed_token|>`
+    /// (the template's closing sentence, ending with the token).
+    pub fn forced_suffix(&self) -> &[u32] {
+        &self.forced_suffix
+    }
+
     /// Embeds prompts that each end with `<|embed_token|>`, in left-padded batches of at most
     /// [`Embedder::batch_tokens`] padded tokens (length-sorted); the result does not depend on
     /// what else is in a batch (padding is masked exactly).

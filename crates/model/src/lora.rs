@@ -184,6 +184,74 @@ impl Lora {
         out
     }
 
+    /// One adapter that computes `self + other` exactly: ranks add up, `A = [A₁; A₂]`,
+    /// `B = [s₁·B₁, s₂·B₂]` with the scale folded into `B` (the result has `α = r`, scale 1).
+    /// Stage 2 trains a fresh adapter on top of the folded stage-1 one; stacking them gives a
+    /// single adapter for the base model. A projection adapted on one side only gets zero
+    /// factors on the other.
+    pub fn stack(&self, other: &Lora) -> Result<Lora> {
+        if self.layers.len() != other.layers.len() {
+            return Err(Error::Invalid(format!(
+                "cannot stack adapters for {} and {} layers",
+                self.layers.len(),
+                other.layers.len()
+            )));
+        }
+        let (r1, r2) = (self.config.rank, other.config.rank);
+        let (s1, s2) = (self.config.scale(), other.config.scale());
+        let rank = r1 + r2;
+        let mut targets: Vec<LoraTarget> = LoraTarget::ALL
+            .into_iter()
+            .filter(|t| self.config.targets.contains(t) || other.config.targets.contains(t))
+            .collect();
+        targets.dedup();
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (mine, theirs) in self.layers.iter().zip(&other.layers) {
+            let mut slots: [Option<LoraPair>; 7] = Default::default();
+            for t in &targets {
+                let i = t.index();
+                let (a, b) = match (&mine[i], &theirs[i]) {
+                    (None, None) => continue,
+                    (Some(p), Some(q)) => (
+                        Tensor::cat(&[p.a.as_tensor(), q.a.as_tensor()], 0)?,
+                        Tensor::cat(&[(p.b.as_tensor() * s1)?, (q.b.as_tensor() * s2)?], 1)?,
+                    ),
+                    (Some(p), None) => {
+                        let (out, inp) = (p.b.dim(0)?, p.a.dim(1)?);
+                        let z_a = Tensor::zeros((r2, inp), p.a.dtype(), p.a.device())?;
+                        let z_b = Tensor::zeros((out, r2), p.b.dtype(), p.b.device())?;
+                        (
+                            Tensor::cat(&[p.a.as_tensor(), &z_a], 0)?,
+                            Tensor::cat(&[&(p.b.as_tensor() * s1)?, &z_b], 1)?,
+                        )
+                    }
+                    (None, Some(q)) => {
+                        let (out, inp) = (q.b.dim(0)?, q.a.dim(1)?);
+                        let z_a = Tensor::zeros((r1, inp), q.a.dtype(), q.a.device())?;
+                        let z_b = Tensor::zeros((out, r1), q.b.dtype(), q.b.device())?;
+                        (
+                            Tensor::cat(&[&z_a, q.a.as_tensor()], 0)?,
+                            Tensor::cat(&[&z_b, &(q.b.as_tensor() * s2)?], 1)?,
+                        )
+                    }
+                };
+                slots[i] = Some(LoraPair {
+                    a: Var::from_tensor(&a.detach())?,
+                    b: Var::from_tensor(&b.detach())?,
+                });
+            }
+            layers.push(slots);
+        }
+        Ok(Lora {
+            config: LoraConfig {
+                rank,
+                alpha: rank as f64,
+                targets,
+            },
+            layers,
+        })
+    }
+
     /// Adds `(α/r)·(x·Aᵀ)·Bᵀ` to `y` when `target` is adapted in `layer`.
     pub fn apply(&self, layer: usize, target: LoraTarget, x: &Tensor, y: Tensor) -> Result<Tensor> {
         match self.get(layer, target) {

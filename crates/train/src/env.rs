@@ -15,7 +15,10 @@
 use crate::error::{invalid, Result};
 use crate::grpo::dcg_reward;
 use crate::trainer::embed_sequences;
-use search_r3_index::{AnyIndex, ExactIndex, HnswParams, IndexKind, VectorIndex};
+use search_r3_index::{
+    load_index_with_files, save_index_with_files, AnyIndex, ExactIndex, HnswParams, IndexKind,
+    IndexMeta, VectorIndex,
+};
 use search_r3_model::Model;
 use serde::{Deserialize, Serialize};
 
@@ -121,12 +124,36 @@ impl RetrievalEnv {
         if prompts.is_empty() {
             invalid!("RetrievalEnv: the corpus is empty");
         }
+        let vectors = embed_sequences(model, &prompts, pad_id, micro_tokens)?;
+        Self::from_vectors(prompts, &vectors, pad_id, micro_tokens, kind, policy)
+    }
+
+    /// An environment over `prompts` whose current vectors are `vectors` (row `i` belongs to
+    /// prompt `i`, all encoded by the current policy). Lets several environments with
+    /// different refresh policies start from one encoding (the baselines beside a run).
+    pub fn from_vectors(
+        prompts: Vec<Vec<u32>>,
+        vectors: &[Vec<f32>],
+        pad_id: u32,
+        micro_tokens: usize,
+        kind: IndexKind,
+        policy: RefreshPolicy,
+    ) -> Result<Self> {
+        if prompts.is_empty() {
+            invalid!("RetrievalEnv: the corpus is empty");
+        }
+        if vectors.len() != prompts.len() {
+            invalid!(
+                "RetrievalEnv: {} vectors for {} documents",
+                vectors.len(),
+                prompts.len()
+            );
+        }
         if let RefreshPolicy::Local { budget: 0, .. } = policy {
             invalid!(
                 "RetrievalEnv: a local refresh budget of 0 never refreshes; use policy = \"never\""
             );
         }
-        let vectors = embed_sequences(model, &prompts, pad_id, micro_tokens)?;
         let dim = vectors[0].len();
         let mut index = AnyIndex::new(kind, dim, HnswParams::default()).map_err(index_err)?;
         let keys: Vec<u64> = (0..prompts.len() as u64).collect();
@@ -143,6 +170,82 @@ impl RetrievalEnv {
             version: 0,
             reencoded_total: 0,
         })
+    }
+
+    /// Writes the environment (index, per-document versions, counters) to `dir`, atomically
+    /// replacing an environment saved there before.
+    pub fn save(&self, dir: &std::path::Path) -> Result<()> {
+        let state = EnvState {
+            format: ENV_FORMAT.into(),
+            policy: self.policy,
+            version: self.version,
+            reencoded_total: self.reencoded_total,
+            encoded_at: self.encoded_at.clone(),
+            prompts_sha256: prompts_hash(&self.prompts),
+        };
+        let json = serde_json::to_vec(&state).expect("env state serialises");
+        save_index_with_files(
+            dir,
+            &self.index,
+            &IndexMeta::with_extra(Default::default()),
+            &[(ENV_FILE, json)],
+        )
+        .map_err(index_err)?;
+        Ok(())
+    }
+
+    /// Restores an environment written by [`RetrievalEnv::save`] for the same `prompts`
+    /// (checked by hash): the resumed run sees exactly the vectors, graph and staleness the
+    /// interrupted one had.
+    pub fn load(
+        dir: &std::path::Path,
+        prompts: Vec<Vec<u32>>,
+        pad_id: u32,
+        micro_tokens: usize,
+    ) -> Result<Self> {
+        let (index, _, files) = load_index_with_files(dir).map_err(index_err)?;
+        let path = dir.join(ENV_FILE);
+        let bytes = files
+            .get(ENV_FILE)
+            .ok_or_else(|| crate::error::file_err(&path, "missing from the saved environment"))?;
+        let state: EnvState = serde_json::from_slice(bytes)
+            .map_err(|e| crate::error::file_err(&path, format!("corrupted: {e}")))?;
+        if state.format != ENV_FORMAT {
+            return Err(crate::error::file_err(
+                &path,
+                format!("unknown format `{}`", state.format),
+            ));
+        }
+        if state.prompts_sha256 != prompts_hash(&prompts)
+            || state.encoded_at.len() != prompts.len()
+            || index.len() != prompts.len()
+        {
+            return Err(crate::error::file_err(
+                &path,
+                "saved for a different corpus (document prompts differ)",
+            ));
+        }
+        Ok(RetrievalEnv {
+            index,
+            prompts,
+            pad_id,
+            micro_tokens,
+            policy: state.policy,
+            encoded_at: state.encoded_at,
+            version: state.version,
+            reencoded_total: state.reencoded_total,
+        })
+    }
+
+    /// The document prompts, by position.
+    pub fn prompts(&self) -> &[Vec<u32>] {
+        &self.prompts
+    }
+
+    /// A fresh encoding of the whole corpus by `model` (row `i` = document `i`): what the
+    /// measurements compare the stored vectors with. One corpus pass.
+    pub fn encode_all(&self, model: &Model) -> Result<Vec<Vec<f32>>> {
+        embed_sequences(model, &self.prompts, self.pad_id, self.micro_tokens)
     }
 
     /// Number of documents.
@@ -278,35 +381,63 @@ impl RetrievalEnv {
     }
 
     /// Drift of the stale documents among `probe`: cosine of the stored vector to a fresh
-    /// encoding by `model`. Costs one forward pass over the probe.
+    /// encoding by `model`. Costs one forward pass over the probe's stale documents.
     pub fn drift(&self, model: &Model, probe: &[usize]) -> Result<Drift> {
-        let stale: Vec<usize> = probe
+        let stale = self.stale_among(probe);
+        let prompts: Vec<Vec<u32>> = stale.iter().map(|&d| self.prompts[d].clone()).collect();
+        let fresh = embed_sequences(model, &prompts, self.pad_id, self.micro_tokens)?;
+        Ok(self.drift_of(&stale, &fresh))
+    }
+
+    /// [`RetrievalEnv::drift`] against an encoding of the whole corpus already made
+    /// ([`RetrievalEnv::encode_all`]), at no model cost.
+    pub fn drift_against(&self, fresh: &[Vec<f32>], probe: &[usize]) -> Result<Drift> {
+        self.check_fresh(fresh)?;
+        let stale = self.stale_among(probe);
+        let rows: Vec<Vec<f32>> = stale.iter().map(|&d| fresh[d].clone()).collect();
+        Ok(self.drift_of(&stale, &rows))
+    }
+
+    fn stale_among(&self, probe: &[usize]) -> Vec<usize> {
+        probe
             .iter()
             .copied()
             .filter(|&d| d < self.len() && self.staleness(d) > 0)
-            .collect();
+            .collect()
+    }
+
+    fn drift_of(&self, stale: &[usize], fresh: &[Vec<f32>]) -> Drift {
         if stale.is_empty() {
-            return Ok(Drift {
+            return Drift {
                 stale: 0,
                 mean_cos: 1.0,
                 min_cos: 1.0,
-            });
+            };
         }
-        let prompts: Vec<Vec<u32>> = stale.iter().map(|&d| self.prompts[d].clone()).collect();
-        let fresh = embed_sequences(model, &prompts, self.pad_id, self.micro_tokens)?;
         let mut sum = 0.0;
         let mut min = f64::INFINITY;
-        for (&d, f) in stale.iter().zip(&fresh) {
+        for (&d, f) in stale.iter().zip(fresh) {
             let s = self.stored(d).expect("every document is indexed");
             let c = cosine(&s, f);
             sum += c;
             min = min.min(c);
         }
-        Ok(Drift {
+        Drift {
             stale: stale.len(),
             mean_cos: sum / stale.len() as f64,
             min_cos: min,
-        })
+        }
+    }
+
+    fn check_fresh(&self, fresh: &[Vec<f32>]) -> Result<()> {
+        if fresh.len() != self.len() {
+            invalid!(
+                "fresh encoding has {} rows, the corpus {} documents",
+                fresh.len(),
+                self.len()
+            );
+        }
+        Ok(())
     }
 
     /// Rewards of `queries` against this index and against a fresh exact encoding of the
@@ -321,23 +452,27 @@ impl RetrievalEnv {
         if queries.is_empty() {
             invalid!("reward_fidelity: no probe queries");
         }
-        let fresh = embed_sequences(model, &self.prompts, self.pad_id, self.micro_tokens)?;
-        let mut exact = ExactIndex::new(fresh[0].len()).map_err(index_err)?;
-        let keys: Vec<u64> = (0..self.len() as u64).collect();
-        exact
-            .upsert_batch(&keys, &fresh.concat())
-            .map_err(index_err)?;
+        self.fidelity_against(&self.encode_all(model)?, queries, top_k)
+    }
+
+    /// [`RetrievalEnv::reward_fidelity`] against an encoding of the whole corpus already made
+    /// ([`RetrievalEnv::encode_all`]), searched exactly.
+    pub fn fidelity_against(
+        &self,
+        fresh: &[Vec<f32>],
+        queries: &[ProbeQuery],
+        top_k: usize,
+    ) -> Result<Fidelity> {
+        if queries.is_empty() {
+            invalid!("reward_fidelity: no probe queries");
+        }
+        self.check_fresh(fresh)?;
+        let exact = exact_index(fresh)?;
         let mut env_rewards = Vec::with_capacity(queries.len());
         let mut fresh_rewards = Vec::with_capacity(queries.len());
         for q in queries {
             env_rewards.push(self.reward(&q.embedding, &q.gold, top_k)?.0);
-            let ranking: Vec<usize> = exact
-                .search(&q.embedding, top_k)
-                .map_err(index_err)?
-                .into_iter()
-                .map(|h| h.key as usize)
-                .collect();
-            fresh_rewards.push(reward_of(&ranking, &q.gold, top_k)?);
+            fresh_rewards.push(exact_reward(&exact, q, top_k)?);
         }
         let mean_abs_diff = env_rewards
             .iter()
@@ -353,6 +488,54 @@ impl RetrievalEnv {
             mean_abs_diff,
         })
     }
+}
+
+/// An exact index over `vectors` (key = row).
+pub fn exact_index(vectors: &[Vec<f32>]) -> Result<ExactIndex> {
+    let dim = vectors.first().map_or(0, Vec::len);
+    let mut exact = ExactIndex::new(dim).map_err(index_err)?;
+    let keys: Vec<u64> = (0..vectors.len() as u64).collect();
+    exact
+        .upsert_batch(&keys, &vectors.concat())
+        .map_err(index_err)?;
+    Ok(exact)
+}
+
+/// The DCG reward of a probe query against an exact index.
+pub fn exact_reward(index: &ExactIndex, q: &ProbeQuery, top_k: usize) -> Result<f64> {
+    let ranking: Vec<usize> = index
+        .search(&q.embedding, top_k)
+        .map_err(index_err)?
+        .into_iter()
+        .map(|h| h.key as usize)
+        .collect();
+    reward_of(&ranking, &q.gold, top_k)
+}
+
+const ENV_FORMAT: &str = "search-r3-rl-env-1";
+const ENV_FILE: &str = "env.json";
+
+/// What [`RetrievalEnv::save`] stores beside the index.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvState {
+    format: String,
+    policy: RefreshPolicy,
+    version: u64,
+    reencoded_total: usize,
+    encoded_at: Vec<u64>,
+    prompts_sha256: String,
+}
+
+fn prompts_hash(prompts: &[Vec<u32>]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update((prompts.len() as u64).to_le_bytes());
+    for p in prompts {
+        h.update((p.len() as u64).to_le_bytes());
+        p.iter().for_each(|t| h.update(t.to_le_bytes()));
+    }
+    hex::encode(h.finalize())
 }
 
 fn index_err(e: search_r3_index::IndexError) -> crate::Error {

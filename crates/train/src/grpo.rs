@@ -151,7 +151,7 @@ impl Default for GrpoLossConfig {
 }
 
 /// What the GRPO objective saw, for logging.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct GrpoStats {
     /// Token-weighted mean of the surrogate `min(ρÂ, clip(ρ)Â)`.
     pub surrogate: f64,

@@ -20,6 +20,9 @@
 //! * [`rl`] — one stage-2 step: G sampled trajectories per query, rewards from the
 //!   environment, the GRPO objective on the trajectory tokens plus an InfoNCE term on the
 //!   trajectory embeddings against the environment's hard negatives.
+//! * [`rl_trainer`] — the stage-2 loop: rollouts, GRPO + InfoNCE updates, local refresh of
+//!   the environment (and baseline policies beside it), drift/fidelity measurements, held-out
+//!   evaluation with reasoning, checkpoints with exact resume (environment included).
 //! * [`plot`] — a PNG of a run's `metrics.jsonl` curves, one panel per series, text drawn with
 //!   a bundled font (no system font libraries).
 #![warn(missing_docs)]
@@ -31,6 +34,7 @@ pub mod losses;
 pub mod optim;
 pub mod plot;
 pub mod rl;
+pub mod rl_trainer;
 pub mod sft;
 pub mod trainer;
 
@@ -41,6 +45,9 @@ pub use losses::{
 };
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule, ADAMW_PREFIX};
 pub use plot::plot_metrics;
+pub use rl::{reason_and_embed, rollout, rl_gradients, RlQuery, RlStats, RlStepConfig, Trajectory};
+pub use rl_trainer::{evaluate_reasoning, policy_name, train_rl, RlConfig, RlData, RlEval, RlSummary};
+pub use env::{RefreshPolicy, RetrievalEnv};
 pub use sft::{sft_gradients, SftBatch, SftExample, StepOutput};
 pub use trainer::{
     embed_sequences, train_sft, BestEval, EvalHook, LoraSection, SftConfig, TrainData,

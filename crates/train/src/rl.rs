@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 /// A training query for stage 2: the reasoning prompt (everything before the model's first
 /// reasoning token) and the positions of its relevant documents in the environment.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RlQuery {
     /// Prompt token ids (chat template with the reasoning instruction, assistant turn open).
     pub prompt: Vec<u32>,
@@ -110,7 +110,7 @@ pub struct Rollout {
 }
 
 /// What a step saw, for logging.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RlStats {
     /// Mean total reward.
     pub reward: f64,
@@ -161,12 +161,73 @@ pub fn rollout(
         max_new_tokens: cfg.max_new_tokens,
         temperature: cfg.temperature,
         seed,
+        ..Default::default()
+    };
+    let trajectories =
+        reason_and_embed(model, tok, &prompts, forced_suffix, &gen_cfg, cfg.micro_tokens)?;
+    let mut out = Vec::with_capacity(trajectories.len());
+    for (i, t) in trajectories.into_iter().enumerate() {
+        let q = i / cfg.group_size;
+        let (retrieval, ranking) = env.reward(&t.embedding, &queries[q].gold, cfg.reward.top_k)?;
+        out.push(Rollout {
+            query: q,
+            reward: cfg.reward.reward(retrieval, t.emitted, t.reasoning_len),
+            tokens: t.tokens,
+            sequence: t.sequence,
+            logprobs: t.logprobs,
+            emitted: t.emitted,
+            embedding: t.embedding,
+            ranking,
+            advantage: 0.0,
+        });
+    }
+    for group in out.chunks_mut(cfg.group_size) {
+        let rewards: Vec<f64> = group.iter().map(|r| r.reward.total).collect();
+        let adv = group_advantages(&rewards, cfg.scale_advantages, 1e-4)?;
+        for (r, a) in group.iter_mut().zip(adv) {
+            r.advantage = a;
+        }
+    }
+    Ok(out)
+}
+
+/// A generated reasoning trajectory and its embedding (see [`reason_and_embed`]).
+#[derive(Debug, Clone)]
+pub struct Trajectory {
+    /// Generated tokens (the stop token included).
+    pub tokens: Vec<u32>,
+    /// Their log-probabilities under the sampling distribution.
+    pub logprobs: Vec<f32>,
+    /// Prompt + what is embedded (see [`Rollout::sequence`]); ends with `<|embed_token|>`.
+    pub sequence: Vec<u32>,
+    /// Whether the model wrote `<|embed_token|>` itself.
+    pub emitted: bool,
+    /// Reasoning tokens (the stop token excluded).
+    pub reasoning_len: usize,
+    /// Unit-norm hidden state at the (emitted or forced) embed token.
+    pub embedding: Vec<f32>,
+}
+
+/// Lets the model reason from each prompt (batched generation with the KV cache, stopping at
+/// `<|embed_token|>`, EOS or `gen.max_new_tokens`) and embeds the result: the hidden state at
+/// the emitted token, or, for a trajectory that stopped without it, at the end of
+/// `forced_suffix` appended to its text (EOS dropped), as inference does. `gen`'s stop and
+/// hidden-state switches are set here; temperature 0 is greedy.
+pub fn reason_and_embed(
+    model: &Model,
+    tok: &TextTokenizer,
+    prompts: &[Vec<u32>],
+    forced_suffix: &[u32],
+    gen: &GenerationConfig,
+    micro_tokens: usize,
+) -> Result<Vec<Trajectory>> {
+    let gen_cfg = GenerationConfig {
         stop_at_eos: true,
         stop_at_embed_token: true,
         return_hidden: true,
-        ..Default::default()
+        ..gen.clone()
     };
-    let gens = generate(model, tok, &prompts, &gen_cfg)?;
+    let gens = generate(model, tok, prompts, &gen_cfg)?;
     let mut sequences = Vec::with_capacity(gens.len());
     let mut forced = Vec::new();
     for (i, g) in gens.iter().enumerate() {
@@ -190,38 +251,24 @@ pub fn rollout(
     let mut forced_vecs = if forced_seqs.is_empty() {
         Vec::new()
     } else {
-        embed_sequences(model, &forced_seqs, tok.pad_id, cfg.micro_tokens)?
+        embed_sequences(model, &forced_seqs, tok.pad_id, micro_tokens)?
     }
     .into_iter();
     let mut out = Vec::with_capacity(gens.len());
-    for ((i, g), sequence) in gens.into_iter().enumerate().zip(sequences) {
-        let q = i / cfg.group_size;
+    for (g, sequence) in gens.into_iter().zip(sequences) {
         let emitted = g.stop == StopReason::EmbedToken;
         let embedding = match (&g.hidden, emitted) {
             (Some(h), true) => unit(h.to_dtype(DType::F32)?.to_vec1()?),
             _ => forced_vecs.next().expect("one vector per forced row"),
         };
-        let (retrieval, ranking) = env.reward(&embedding, &queries[q].gold, cfg.reward.top_k)?;
-        // Reasoning length excludes the stop token itself.
-        let reasoning = g.tokens.len() - usize::from(g.stop != StopReason::Budget);
-        out.push(Rollout {
-            query: q,
-            reward: cfg.reward.reward(retrieval, emitted, reasoning),
+        out.push(Trajectory {
+            reasoning_len: g.tokens.len() - usize::from(g.stop != StopReason::Budget),
             tokens: g.tokens,
-            sequence,
             logprobs: g.logprobs,
+            sequence,
             emitted,
             embedding,
-            ranking,
-            advantage: 0.0,
         });
-    }
-    for group in out.chunks_mut(cfg.group_size) {
-        let rewards: Vec<f64> = group.iter().map(|r| r.reward.total).collect();
-        let adv = group_advantages(&rewards, cfg.scale_advantages, 1e-4)?;
-        for (r, a) in group.iter_mut().zip(adv) {
-            r.advantage = a;
-        }
     }
     Ok(out)
 }

@@ -344,9 +344,9 @@ pub struct BestEval {
 
 /// Position in the data stream: the next batch starts at `pos` of epoch `epoch`'s order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct Cursor {
-    epoch: u64,
-    pos: usize,
+pub(crate) struct Cursor {
+    pub(crate) epoch: u64,
+    pub(crate) pos: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -364,12 +364,12 @@ struct TrainerState {
 }
 
 const STATE_FORMAT: &str = "search-r3-sft-checkpoint-1";
-const CKPT: &str = "checkpoint";
+pub(crate) const CKPT: &str = "checkpoint";
 const CKPT_OLD: &str = ".checkpoint.old";
-const ADAPTER: &str = "adapter.safetensors";
-const OPTIMIZER: &str = "optimizer.safetensors";
+pub(crate) const ADAPTER: &str = "adapter.safetensors";
+pub(crate) const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "trainer_state.json";
-const METRICS: &str = "metrics.jsonl";
+pub(crate) const METRICS: &str = "metrics.jsonl";
 /// Loss and eval curves, redrawn at every eval and at the end.
 pub const CURVES: &str = "curves.png";
 
@@ -383,25 +383,25 @@ fn mix(mut x: u64) -> u64 {
 
 /// A stateless random stream keyed by `(seed, a, b)`: the data order and sampling depend only
 /// on the seed and the position, so a resumed run draws exactly what the straight run drew.
-struct Stream(u64);
+pub(crate) struct Stream(u64);
 
 impl Stream {
-    fn new(seed: u64, a: u64, b: u64) -> Self {
+    pub(crate) fn new(seed: u64, a: u64, b: u64) -> Self {
         Stream(mix(
             mix(mix(seed) ^ a) ^ b.wrapping_mul(0xA24B_AED4_963E_E407)
         ))
     }
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         mix(self.0)
     }
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
 }
 
 /// Query order of `epoch` (Fisher–Yates from the seed).
-fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+pub(crate) fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = Stream::new(seed, 0x0e0c, epoch);
     for i in (1..n).rev() {
@@ -534,7 +534,7 @@ pub(crate) fn unit(mut v: Vec<f32>) -> Vec<f32> {
     v
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
@@ -560,7 +560,7 @@ fn mean_terms(terms: &[LossTerms]) -> LossTerms {
 }
 
 /// Appends one JSON line to the metrics log.
-fn log_line(file: &mut std::fs::File, path: &Path, v: &serde_json::Value) -> Result<()> {
+pub(crate) fn log_line(file: &mut std::fs::File, path: &Path, v: &serde_json::Value) -> Result<()> {
     writeln!(file, "{v}")
         .and_then(|_| file.flush())
         .map_err(|e| file_err(path, e))
@@ -573,21 +573,36 @@ fn write_checkpoint(
     state: &mut TrainerState,
     meta: &HashMap<String, String>,
 ) -> Result<()> {
+    swap_in_checkpoint(out, |tmp| {
+        save_trainable(model, &tmp.join(ADAPTER), meta)?;
+        opt.save(&tmp.join(OPTIMIZER))?;
+        state.files = checksums(tmp, &[ADAPTER, OPTIMIZER])?;
+        let json = serde_json::to_vec_pretty(state).expect("state serialises");
+        std::fs::write(tmp.join(STATE), json).map_err(|e| file_err(&tmp.join(STATE), e))
+    })
+}
+
+/// sha256 of each named file of `dir`, by name.
+pub(crate) fn checksums(dir: &Path, names: &[&str]) -> Result<BTreeMap<String, String>> {
+    names
+        .iter()
+        .map(|f| Ok((f.to_string(), sha256_file(&dir.join(f))?)))
+        .collect()
+}
+
+/// Fills a fresh temporary directory with `fill` and swaps it in as `out/checkpoint`: the old
+/// checkpoint is renamed aside, the new one renamed in, the old one removed, so a crash at any
+/// point leaves one complete checkpoint ([`checkpoint_dir`] recovers the aside one).
+pub(crate) fn swap_in_checkpoint(
+    out: &Path,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let tmp = out.join(format!(".checkpoint.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
-    save_trainable(model, &tmp.join(ADAPTER), meta)?;
-    opt.save(&tmp.join(OPTIMIZER))?;
-    state.files.clear();
-    for f in [ADAPTER, OPTIMIZER] {
-        state
-            .files
-            .insert(f.to_string(), sha256_file(&tmp.join(f))?);
-    }
-    let json = serde_json::to_vec_pretty(state).expect("state serialises");
-    std::fs::write(tmp.join(STATE), json).map_err(|e| file_err(&tmp.join(STATE), e))?;
+    fill(&tmp)?;
     let dst = out.join(CKPT);
     let old = out.join(CKPT_OLD);
     if dst.exists() {
@@ -603,15 +618,44 @@ fn write_checkpoint(
     Ok(())
 }
 
-/// Reads and verifies `out/checkpoint/trainer_state.json` and the checksums of the files it
-/// lists. A crash between the two renames of a checkpoint swap leaves only the previous one
-/// (`.checkpoint.old`), which is moved back.
-fn read_checkpoint(out: &Path) -> Result<TrainerState> {
+/// `out/checkpoint`, after moving back the previous checkpoint when a crash between the two
+/// renames of a swap left only that one.
+pub(crate) fn checkpoint_dir(out: &Path) -> Result<PathBuf> {
     let dir = out.join(CKPT);
     let old = out.join(CKPT_OLD);
     if !dir.exists() && old.exists() {
         std::fs::rename(&old, &dir).map_err(|e| file_err(&dir, e))?;
     }
+    Ok(dir)
+}
+
+/// Checks that every file a checkpoint state lists has the recorded sha256.
+pub(crate) fn verify_checksums(
+    dir: &Path,
+    state_path: &Path,
+    names: &[&str],
+    recorded: &BTreeMap<String, String>,
+) -> Result<()> {
+    for f in names {
+        let path = dir.join(f);
+        let Some(want) = recorded.get(*f) else {
+            return Err(file_err(state_path, format!("no checksum recorded for {f}")));
+        };
+        let got = sha256_file(&path)?;
+        if &got != want {
+            return Err(file_err(
+                &path,
+                format!("corrupted checkpoint file: sha256 {got} does not match the recorded {want}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Reads and verifies `out/checkpoint/trainer_state.json` and the checksums of the files it
+/// lists.
+fn read_checkpoint(out: &Path) -> Result<TrainerState> {
+    let dir = checkpoint_dir(out)?;
     let state_path = dir.join(STATE);
     if !state_path.exists() {
         return Err(file_err(
@@ -628,30 +672,13 @@ fn read_checkpoint(out: &Path) -> Result<TrainerState> {
             format!("unknown checkpoint format `{}`", state.format),
         ));
     }
-    for f in [ADAPTER, OPTIMIZER] {
-        let path = dir.join(f);
-        let Some(want) = state.files.get(f) else {
-            return Err(file_err(
-                &state_path,
-                format!("no checksum recorded for {f}"),
-            ));
-        };
-        let got = sha256_file(&path)?;
-        if &got != want {
-            return Err(file_err(
-                &path,
-                format!(
-                    "corrupted checkpoint file: sha256 {got} does not match the recorded {want}"
-                ),
-            ));
-        }
-    }
+    verify_checksums(&dir, &state_path, &[ADAPTER, OPTIMIZER], &state.files)?;
     Ok(state)
 }
 
 /// Keeps the lines of `metrics.jsonl` whose `step` is at most `step` (a resumed run rewrites
 /// what came after its checkpoint); unparsable lines (a write cut by a crash) are dropped.
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+pub(crate) fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -989,7 +1016,7 @@ pub fn train_sft(
 
 /// Redraws `curves.png` next to the metrics; a plotting failure must not end a training run,
 /// so it is only reported.
-fn plot_curves(metrics: &Path, out: &Path) {
+pub(crate) fn plot_curves(metrics: &Path, out: &Path) {
     let title = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -1002,7 +1029,7 @@ fn plot_curves(metrics: &Path, out: &Path) {
     }
 }
 
-fn fmt_duration(secs: f64) -> String {
+pub(crate) fn fmt_duration(secs: f64) -> String {
     let s = secs.max(0.0).round() as u64;
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }

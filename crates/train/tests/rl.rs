@@ -4,39 +4,12 @@
 
 mod common;
 
-use common::tiny::{tiny_with_lora, Rng, ASSISTANT, EMBED, VOCAB};
+use common::tiny::{tiny_with_lora, tokenizer, Rng, ASSISTANT, EMBED};
 use search_r3_index::IndexKind;
 use search_r3_model::{LoraTarget, Model, TextTokenizer};
 use search_r3_train::env::{RefreshPolicy, RetrievalEnv};
 use search_r3_train::rl::{rl_gradients, rollout, touched_documents, RlQuery, RlStepConfig};
 use search_r3_train::{clip_grad_norm, AdamW, AdamWConfig};
-
-/// Word-level tokenizer over the tiny vocabulary (`t0` … `t63`) plus `<|embed_token|>`.
-fn tokenizer(dir: &std::path::Path) -> TextTokenizer {
-    let mut vocab = serde_json::Map::new();
-    for i in 0..VOCAB {
-        vocab.insert(format!("t{i}"), i.into());
-    }
-    vocab.insert("<|embed_token|>".into(), EMBED.into());
-    let json = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [{
-            "id": EMBED, "content": "<|embed_token|>", "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true
-        }],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
-    });
-    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
-    let mut tok = TextTokenizer::from_hf_dir(dir).unwrap();
-    assert_eq!(tok.add_embed_token().unwrap(), EMBED);
-    tok
-}
 
 fn model(seed: u64) -> Model {
     tiny_with_lora(seed, &[LoraTarget::Q, LoraTarget::V, LoraTarget::Down], 2)

@@ -4,6 +4,7 @@
 mod common;
 
 use common::tiny::{tiny_base, Rng, ASSISTANT, EMBED};
+use common::{assert_same_trainable, metric_lines, trainable};
 use search_r3_model::{LoraTarget, Model};
 use search_r3_train::{
     embed_sequences, train_sft, EvalHook, LoraSection, SftConfig, TrainData, TrainOptions,
@@ -100,42 +101,6 @@ fn opts(out: &Path, resume: bool, stop_after: Option<usize>) -> TrainOptions {
         stop_after,
         ..TrainOptions::default()
     }
-}
-
-fn trainable(model: &Model) -> Vec<(String, Vec<f32>)> {
-    model
-        .trainable_vars()
-        .into_iter()
-        .map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
-        .collect()
-}
-
-/// Every trainable tensor of `a` and `b` agrees to 1e-6.
-fn assert_same_trainable(a: &Model, b: &Model) {
-    let (ta, tb) = (trainable(a), trainable(b));
-    assert_eq!(ta.len(), tb.len());
-    for ((na, va), (nb, vb)) in ta.iter().zip(&tb) {
-        assert_eq!(na, nb);
-        let diff = va
-            .iter()
-            .zip(vb)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(diff <= 1e-6, "{na}: max diff {diff}");
-    }
-}
-
-/// metrics.jsonl without the wall-clock field.
-fn metric_lines(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("seconds");
-            v
-        })
-        .collect()
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use search_r3_model::config::{Arch, ModelConfig};
 use search_r3_model::weights::{LayerWeights, Weights};
-use search_r3_model::{LoraConfig, LoraTarget, Model};
+use search_r3_model::{LoraConfig, LoraTarget, Model, TextTokenizer};
 
 /// Ordinary vocabulary size.
 pub const VOCAB: usize = 64;
@@ -107,4 +107,32 @@ pub fn tiny_with_lora(seed: u64, targets: &[LoraTarget], lora_seed: u64) -> Mode
     )
     .unwrap();
     m
+}
+
+/// Word-level tokenizer over the tiny vocabulary (`t0` … `t63`) plus `<|embed_token|>`,
+/// written to `dir/tokenizer.json`.
+pub fn tokenizer(dir: &std::path::Path) -> TextTokenizer {
+    let mut vocab = serde_json::Map::new();
+    for i in 0..VOCAB {
+        vocab.insert(format!("t{i}"), i.into());
+    }
+    vocab.insert("<|embed_token|>".into(), EMBED.into());
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [{
+            "id": EMBED, "content": "<|embed_token|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    let mut tok = TextTokenizer::from_hf_dir(dir).unwrap();
+    assert_eq!(tok.add_embed_token().unwrap(), EMBED);
+    tok
 }
