@@ -209,3 +209,129 @@ fn tiny_run_resumes_and_its_adapter_evaluates() {
     let (ok, err) = run(&resume);
     assert!(!ok && err.contains("optimizer.safetensors"), "{err}");
 }
+
+/// The safetensors header's `__metadata__` of a file.
+fn safetensors_metadata(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["__metadata__"].clone()
+}
+
+#[test]
+fn tiny_rl_run_on_the_shipped_sft_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let sf = scifact();
+    let out = dir.path().join("rl");
+    // Bad input first: a missing stage-1 adapter and an unknown split are named.
+    let missing = dir.path().join("nope.safetensors");
+    let (ok, err) = run(&[
+        "train",
+        "rl",
+        "--dataset",
+        s(&sf),
+        "--split",
+        "dev",
+        "--out",
+        s(&out),
+    ]);
+    assert!(!ok && err.contains("dev"), "{err}");
+    if !common::model_available("smollm2") {
+        return;
+    }
+    let (ok, err) = run(&[
+        "train",
+        "rl",
+        "--dataset",
+        s(&sf),
+        "--adapter",
+        s(&missing),
+        "--out",
+        s(&out),
+    ]);
+    assert!(!ok && err.contains("nope.safetensors"), "{err}");
+
+    let cfg = dir.path().join("rl.toml");
+    std::fs::write(
+        &cfg,
+        "steps = 2\nwarmup_steps = 1\nqueries_per_step = 2\ncheckpoint_every = 1\n\
+         eval_every = 2\nmeasure_every = 2\nprobe_docs = 4\nenv_docs = 12\neval_queries = 2\n\
+         max_doc_tokens = 16\nmax_query_tokens = 16\n\
+         refresh = { policy = \"local\", budget = 2, neighbors = 2 }\n\
+         [rollout]\ngroup_size = 2\nmax_new_tokens = 6\n[lora]\nrank = 2\n",
+    )
+    .unwrap();
+    let sft = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../adapters/sft-smollm2");
+    let (ok, err) = run(&[
+        "train",
+        "rl",
+        "--dataset",
+        s(&sf),
+        "--adapter",
+        s(&sft),
+        "--out",
+        s(&out),
+        "--config",
+        s(&cfg),
+        "--max-queries",
+        "6",
+    ]);
+    assert!(ok, "{err}");
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let manifest = read(&out.join("manifest.json"));
+    assert_eq!(manifest["format"], "search-r3-rl-adapter");
+    assert_eq!(manifest["stacked_on_base_adapter"], true);
+    let sft_manifest = read(&sft.join("manifest.json"));
+    assert_eq!(
+        manifest["stage1_adapter"]["sha256"],
+        sft_manifest["adapter_sha256"]
+    );
+    // One adapter for the plain base model: the SFT rank (16) plus this stage's (2).
+    let md = safetensors_metadata(&out.join("adapter.safetensors"));
+    let lora: serde_json::Value = serde_json::from_str(md["lora"].as_str().unwrap()).unwrap();
+    assert_eq!(lora["rank"], 18, "{lora}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let evals: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.get("eval").is_some())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [0, 2]);
+    let env = lines.iter().find(|l| l.get("env").is_some()).unwrap();
+    for policy in ["local-2x2", "never"] {
+        let p = &env["env"][policy];
+        assert!(p["drift_mean_cos"].as_f64().unwrap() <= 1.0, "{env}");
+    }
+    // The adapter evaluates with and without reasoning.
+    for mode in [None, Some("--reason")] {
+        let results = dir.path().join("eval.json");
+        let mut args = vec![
+            "eval",
+            "--dataset",
+            s(&sf),
+            "--split",
+            "test",
+            "--adapter",
+            s(&out),
+            "--max-queries",
+            "2",
+            "--max-docs",
+            "10",
+            "--max-doc-tokens",
+            "16",
+            "--out",
+            s(&results),
+        ];
+        args.extend(mode);
+        let (ok, err) = run(&args);
+        assert!(ok, "{err}");
+        let r = read(&results);
+        assert!(r["reward"]["mean"].as_f64().unwrap() >= 0.0, "{r}");
+    }
+}
