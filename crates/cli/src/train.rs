@@ -19,8 +19,8 @@ use search_r3_core::embedder::Embedder;
 use search_r3_core::metrics::evaluate_query;
 use search_r3_core::searcher::{load_embedder, EmbedderOptions};
 use search_r3_core::triples::{read_triples, triples_from_split, Triple};
-use search_r3_model::Model;
 use search_r3_model::state::load_trainable;
+use search_r3_model::Model;
 use search_r3_train::{
     embed_sequences, train_rl, train_sft, EvalHook, RlConfig, RlData, RlQuery, SftConfig,
     TrainData, TrainOptions, TrainQuery,
@@ -449,7 +449,10 @@ fn rl(a: &RlArgs) -> Result<()> {
             let model = &mut embedder.model.model;
             let md = load_trainable(model, &file)
                 .with_context(|| format!("loading the stage-1 adapter {}", file.display()))?;
-            if let Some(b) = md.get("base_model_sha256").filter(|b| **b != identity.sha256) {
+            if let Some(b) = md
+                .get("base_model_sha256")
+                .filter(|b| **b != identity.sha256)
+            {
                 bail!(
                     "{}: adapter was trained on a base model with sha256 {b}, not on `{}` ({})",
                     file.display(),
@@ -486,7 +489,11 @@ fn rl(a: &RlArgs) -> Result<()> {
         .filter(|p| !slot.contains_key(p))
         .collect();
     others.shuffle(&mut rng);
-    corpus.extend(others.into_iter().take(cfg.env_docs.saturating_sub(gold_docs)));
+    corpus.extend(
+        others
+            .into_iter()
+            .take(cfg.env_docs.saturating_sub(gold_docs)),
+    );
     let mut truncated = 0;
     let mut docs = Vec::with_capacity(corpus.len());
     for &p in &corpus {
@@ -546,7 +553,10 @@ fn rl(a: &RlArgs) -> Result<()> {
         serde_json::json!(a.adapter.as_ref().map(|p| serde_json::json!({
             "path": p.display().to_string(), "sha256": base_sha}))),
     );
-    manifest.insert("templates_hash".into(), identity.template_hash.clone().into());
+    manifest.insert(
+        "templates_hash".into(),
+        identity.template_hash.clone().into(),
+    );
     manifest.insert(
         "templates".into(),
         serde_json::to_value(&embedder.templates)?,

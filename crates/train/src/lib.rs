@@ -38,6 +38,7 @@ pub mod rl_trainer;
 pub mod sft;
 pub mod trainer;
 
+pub use env::{RefreshPolicy, RetrievalEnv};
 pub use error::{Error, Result};
 pub use losses::{
     cross_entropy, info_nce, kl_k3, kl_to_reference, token_log_probs, triplet, LossTerms,
@@ -45,9 +46,10 @@ pub use losses::{
 };
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule, ADAMW_PREFIX};
 pub use plot::plot_metrics;
-pub use rl::{reason_and_embed, rollout, rl_gradients, RlQuery, RlStats, RlStepConfig, Trajectory};
-pub use rl_trainer::{evaluate_reasoning, policy_name, train_rl, RlConfig, RlData, RlEval, RlSummary};
-pub use env::{RefreshPolicy, RetrievalEnv};
+pub use rl::{reason_and_embed, rl_gradients, rollout, RlQuery, RlStats, RlStepConfig, Trajectory};
+pub use rl_trainer::{
+    evaluate_reasoning, policy_name, train_rl, RlConfig, RlData, RlEval, RlSummary,
+};
 pub use sft::{sft_gradients, SftBatch, SftExample, StepOutput};
 pub use trainer::{
     embed_sequences, train_sft, BestEval, EvalHook, LoraSection, SftConfig, TrainData,

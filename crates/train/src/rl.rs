@@ -163,8 +163,14 @@ pub fn rollout(
         seed,
         ..Default::default()
     };
-    let trajectories =
-        reason_and_embed(model, tok, &prompts, forced_suffix, &gen_cfg, cfg.micro_tokens)?;
+    let trajectories = reason_and_embed(
+        model,
+        tok,
+        &prompts,
+        forced_suffix,
+        &gen_cfg,
+        cfg.micro_tokens,
+    )?;
     let mut out = Vec::with_capacity(trajectories.len());
     for (i, t) in trajectories.into_iter().enumerate() {
         let q = i / cfg.group_size;

@@ -295,18 +295,19 @@ pub struct RlEval {
     pub length: f64,
 }
 
-/// Scores `queries` with greedy reasoning (at most `max_new_tokens`) against `docs`, fresh
-/// unit vectors of the corpus (row = document position), searched exactly.
+/// Scores `queries` with greedy reasoning (at most `cfg.max_new_tokens`) against `docs`, fresh
+/// unit vectors of the corpus (row = document position), searched exactly; the reward looks at
+/// the top `cfg.reward.top_k`.
 pub fn evaluate_reasoning(
     model: &Model,
     tok: &TextTokenizer,
     queries: &[RlQuery],
     forced_suffix: &[u32],
     docs: &[Vec<f32>],
-    max_new_tokens: usize,
-    top_k: usize,
-    micro_tokens: usize,
+    cfg: &RlStepConfig,
 ) -> Result<RlEval> {
+    let (max_new_tokens, top_k, micro_tokens) =
+        (cfg.max_new_tokens, cfg.reward.top_k, cfg.micro_tokens);
     if queries.is_empty() {
         invalid!("evaluate_reasoning: no queries");
     }
@@ -511,7 +512,9 @@ pub fn train_rl(
         let baselines = cfg
             .baselines
             .iter()
-            .map(|&p| RetrievalEnv::from_vectors(data.docs.clone(), &start, pad, micro, cfg.index, p))
+            .map(|&p| {
+                RetrievalEnv::from_vectors(data.docs.clone(), &start, pad, micro, cfg.index, p)
+            })
             .collect::<Result<Vec<_>>>()?;
         let state = RlState {
             format: RL_FORMAT.into(),
@@ -554,16 +557,14 @@ pub fn train_rl(
             &data.eval,
             &data.forced_suffix,
             docs,
-            cfg.rollout.max_new_tokens,
-            cfg.rollout.reward.top_k,
-            micro,
+            &cfg.rollout,
         )
     };
     let best_eval = |model: &Model,
-                         step: usize,
-                         e: &RlEval,
-                         best: &mut Option<BestEval>,
-                         metrics: &mut std::fs::File|
+                     step: usize,
+                     e: &RlEval,
+                     best: &mut Option<BestEval>,
+                     metrics: &mut std::fs::File|
      -> Result<()> {
         log_line(
             metrics,
@@ -585,7 +586,12 @@ pub fn train_rl(
                 step,
                 score: e.ndcg10,
             });
-            save_adapter(model, base, &out.join("best.safetensors"), &opts.adapter_metadata)?;
+            save_adapter(
+                model,
+                base,
+                &out.join("best.safetensors"),
+                &opts.adapter_metadata,
+            )?;
         }
         Ok(())
     };
@@ -633,7 +639,9 @@ pub fn train_rl(
         let norm = if stats.loss.is_finite() {
             match clip_grad_norm(&mut grads, &vars, cfg.clip_norm) {
                 Ok(x) => Ok(x),
-                Err(Error::NonFinite { what, value }) => Err(format!("non-finite {what} ({value})")),
+                Err(Error::NonFinite { what, value }) => {
+                    Err(format!("non-finite {what} ({value})"))
+                }
                 Err(e) => return Err(e),
             }
         } else {
@@ -716,7 +724,8 @@ pub fn train_rl(
                 );
                 for (k, e) in std::iter::once(&env).chain(&baselines).enumerate() {
                     let drift = e.drift_against(&fresh, &probe)?;
-                    let fid = e.fidelity_against(&fresh, &probe_queries, cfg.rollout.reward.top_k)?;
+                    let fid =
+                        e.fidelity_against(&fresh, &probe_queries, cfg.rollout.reward.top_k)?;
                     let per_step = window.fraction[k] / window.steps.max(1) as f64;
                     report.insert(
                         policy_name(&e.policy()),
@@ -756,7 +765,15 @@ pub fn train_rl(
             && !last;
         let ckpt_due = last || (cfg.checkpoint_every > 0 && step_now % cfg.checkpoint_every == 0);
         if ckpt_due || stop {
-            write_rl_checkpoint(out, model, &opt, &env, &baselines, &mut state, &opts.adapter_metadata)?;
+            write_rl_checkpoint(
+                out,
+                model,
+                &opt,
+                &env,
+                &baselines,
+                &mut state,
+                &opts.adapter_metadata,
+            )?;
         }
         if eval_due || measure_due || stop {
             plot_curves(&metrics_path, out);

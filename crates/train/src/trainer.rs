@@ -593,10 +593,7 @@ pub(crate) fn checksums(dir: &Path, names: &[&str]) -> Result<BTreeMap<String, S
 /// Fills a fresh temporary directory with `fill` and swaps it in as `out/checkpoint`: the old
 /// checkpoint is renamed aside, the new one renamed in, the old one removed, so a crash at any
 /// point leaves one complete checkpoint ([`checkpoint_dir`] recovers the aside one).
-pub(crate) fn swap_in_checkpoint(
-    out: &Path,
-    fill: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
+pub(crate) fn swap_in_checkpoint(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = out.join(format!(".checkpoint.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
@@ -639,13 +636,18 @@ pub(crate) fn verify_checksums(
     for f in names {
         let path = dir.join(f);
         let Some(want) = recorded.get(*f) else {
-            return Err(file_err(state_path, format!("no checksum recorded for {f}")));
+            return Err(file_err(
+                state_path,
+                format!("no checksum recorded for {f}"),
+            ));
         };
         let got = sha256_file(&path)?;
         if &got != want {
             return Err(file_err(
                 &path,
-                format!("corrupted checkpoint file: sha256 {got} does not match the recorded {want}"),
+                format!(
+                    "corrupted checkpoint file: sha256 {got} does not match the recorded {want}"
+                ),
             ));
         }
     }

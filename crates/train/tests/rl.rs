@@ -6,7 +6,7 @@ mod common;
 
 use common::tiny::{tiny_with_lora, tokenizer, Rng, ASSISTANT, EMBED};
 use search_r3_index::IndexKind;
-use search_r3_model::{LoraTarget, Model, TextTokenizer};
+use search_r3_model::{LoraTarget, Model};
 use search_r3_train::env::{RefreshPolicy, RetrievalEnv};
 use search_r3_train::rl::{rl_gradients, rollout, touched_documents, RlQuery, RlStepConfig};
 use search_r3_train::{clip_grad_norm, AdamW, AdamWConfig};

@@ -98,11 +98,22 @@ fn resume_equals_straight_run_environment_included() {
     let sa = train_rl(&mut a, &tok, &d, &cfg, None, &opts(&straight, false, None)).unwrap();
     assert_eq!(sa.step, 4);
     assert!(!sa.stopped_early);
-    assert!(sa.start_eval.is_some(), "step-0 evaluation of the starting policy");
+    assert!(
+        sa.start_eval.is_some(),
+        "step-0 evaluation of the starting policy"
+    );
 
     let resumed = tmp.path().join("resumed");
     let mut b = base();
-    let sb = train_rl(&mut b, &tok, &d, &cfg, None, &opts(&resumed, false, Some(2))).unwrap();
+    let sb = train_rl(
+        &mut b,
+        &tok,
+        &d,
+        &cfg,
+        None,
+        &opts(&resumed, false, Some(2)),
+    )
+    .unwrap();
     assert!(sb.stopped_early && !resumed.join("adapter.safetensors").exists());
     // A different process: a fresh model, everything else from the checkpoint.
     let mut c = base();
@@ -131,7 +142,11 @@ fn metrics_report_rewards_environment_and_baselines() {
         for k in ["kl", "length", "emitted", "grad_norm", "clip_fraction"] {
             assert!(l[k].as_f64().unwrap().is_finite(), "{k} in {l}");
         }
-        assert_eq!(l["refresh"]["reencoded"].as_u64().unwrap(), 3, "local budget of 3");
+        assert_eq!(
+            l["refresh"]["reencoded"].as_u64().unwrap(),
+            3,
+            "local budget of 3"
+        );
     }
     let evals: Vec<u64> = lines
         .iter()
@@ -178,7 +193,15 @@ fn saved_adapter_stacks_onto_the_folded_stage1_adapter() {
     let mut policy = stage1.clone();
     policy.merge_lora().unwrap();
     let out = tmp.path().join("run");
-    train_rl(&mut policy, &tok, &d, &cfg, Some(&base_lora), &opts(&out, false, None)).unwrap();
+    train_rl(
+        &mut policy,
+        &tok,
+        &d,
+        &cfg,
+        Some(&base_lora),
+        &opts(&out, false, None),
+    )
+    .unwrap();
 
     // The saved adapter on the plain base model computes what the trained policy computes.
     let mut plain = base();
@@ -202,7 +225,9 @@ fn saved_adapter_stacks_onto_the_folded_stage1_adapter() {
 
 #[test]
 fn bad_configs_and_data_are_refused() {
-    let err = RlConfig::from_toml("stepz = 3", "rl.toml").unwrap_err().to_string();
+    let err = RlConfig::from_toml("stepz = 3", "rl.toml")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("rl.toml") && err.contains("stepz"), "{err}");
     let err = RlConfig::from_toml("[rollout]\ngroup_size = 1", "rl.toml")
         .unwrap_err()
@@ -227,15 +252,29 @@ fn bad_configs_and_data_are_refused() {
     let tok = tokenizer(tmp.path());
     let mut d = data(8, 0, 4);
     d.queries[2].gold = vec![99];
-    let err = train_rl(&mut base(), &tok, &d, &config(2), None, &opts(tmp.path(), false, None))
-        .unwrap_err()
-        .to_string();
+    let err = train_rl(
+        &mut base(),
+        &tok,
+        &d,
+        &config(2),
+        None,
+        &opts(tmp.path(), false, None),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("query 2") && err.contains("99"), "{err}");
     // A model that still carries its stage-1 adapter would make the KL reference the base.
     let d = data(8, 0, 4);
     let mut with_lora = tiny_with_lora(5, &[LoraTarget::Q], 1);
-    let err = train_rl(&mut with_lora, &tok, &d, &config(2), None, &opts(tmp.path(), false, None))
-        .unwrap_err()
-        .to_string();
+    let err = train_rl(
+        &mut with_lora,
+        &tok,
+        &d,
+        &config(2),
+        None,
+        &opts(tmp.path(), false, None),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("merge_lora"), "{err}");
 }
