@@ -44,6 +44,14 @@ pub fn save_trainable(model: &Model, path: &Path, extra: &HashMap<String, String
     let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
     safetensors::serialize_to_file(tensors, Some(md), tmp.path())
         .map_err(|e| Error::file(tmp.path(), format!("writing safetensors: {e}")))?;
+    // A temporary file is private (0600); an adapter is a shareable artifact like any other
+    // output, so it gets the usual 0644.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(tmp.path(), e))?;
+    }
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
 }

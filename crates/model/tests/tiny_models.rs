@@ -1361,6 +1361,12 @@ fn trainable_state_round_trips_and_refuses_other_models() {
     let file = dir.path().join("adapters/state.safetensors");
     let extra = HashMap::from([("base_model".to_string(), "tiny-qwen2".to_string())]);
     state::save_trainable(&m, &file, &extra).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "an adapter is a shareable file, not a private temp file");
+    }
 
     let mut fresh = load(&gguf, ModelFormat::Gguf).model;
     let before = flat(&hidden(&fresh, &s, Path::Fast));
