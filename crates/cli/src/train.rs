@@ -17,7 +17,7 @@ use search_r3_core::corpus::ReadOptions;
 use search_r3_core::dataset::load_split;
 use search_r3_core::embedder::Embedder;
 use search_r3_core::metrics::evaluate_query;
-use search_r3_core::searcher::{load_embedder, EmbedderOptions};
+use search_r3_core::searcher::{load_embedder, EmbedderOptions, ModelIdentity};
 use search_r3_core::triples::{read_triples, triples_from_split, Triple};
 use search_r3_model::state::load_trainable;
 use search_r3_model::Model;
@@ -226,30 +226,15 @@ fn sft(a: &SftArgs) -> Result<()> {
         bail!("no training examples");
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    triples.shuffle(&mut rng);
-    if let Some(m) = a.max_queries {
-        triples.truncate(m);
-    }
-    let held = if triples.len() >= cfg.eval_queries + cfg.queries_per_batch {
-        cfg.eval_queries
-    } else {
-        eprintln!(
-            "warning: {} examples are too few to hold out {} for evaluation; no eval",
-            triples.len(),
-            cfg.eval_queries
-        );
-        0
-    };
+    let held = shuffle_and_hold_out(
+        &mut triples,
+        &mut rng,
+        a.max_queries,
+        cfg.eval_queries,
+        cfg.queries_per_batch,
+    );
 
-    let (mut embedder, identity) = load_embedder(
-        &a.model,
-        &EmbedderOptions {
-            adapter: None,
-            templates: a.templates.clone(),
-            max_doc_tokens: Some(cfg.max_doc_tokens),
-        },
-    )
-    .with_context(|| format!("loading model `{}`", a.model))?;
+    let (mut embedder, identity) = load_base(&a.model, a.templates.as_ref(), cfg.max_doc_tokens)?;
     let pad_id = embedder.model.tokenizer.pad_id;
 
     // Tokenize.
@@ -329,42 +314,24 @@ fn sft(a: &SftArgs) -> Result<()> {
         pad_id,
     };
 
-    let mut adapter_metadata = HashMap::new();
-    adapter_metadata.insert("base_model".into(), embedder.model.id.clone());
-    adapter_metadata.insert("base_model_sha256".into(), identity.sha256.clone());
-    adapter_metadata.insert("template_hash".into(), identity.template_hash.clone());
-    let mut manifest = serde_json::Map::new();
-    manifest.insert(
-        "base_model".into(),
-        serde_json::json!({"spec": a.model, "id": embedder.model.id, "sha256": identity.sha256}),
-    );
-    manifest.insert("templates_hash".into(), identity.template_hash.into());
-    manifest.insert(
-        "templates".into(),
-        serde_json::to_value(&embedder.templates)?,
-    );
-    manifest.insert("source".into(), source);
-    manifest.insert(
-        "held_out".into(),
-        serde_json::json!({"queries": held, "docs": hook.as_ref().map_or(0, |h| h.docs.len())}),
-    );
-    manifest.insert(
-        "truncated".into(),
-        serde_json::json!({"docs": doc_truncated, "queries": query_truncated}),
-    );
-    manifest.insert(
-        "command_line".into(),
-        std::env::args().collect::<Vec<_>>().join(" ").into(),
-    );
-    let opts = TrainOptions {
-        out: a.out.clone(),
-        resume: a.resume,
-        progress: true,
-        stop_after: None,
-        adapter_metadata,
-        manifest,
-        interrupt: Some(crate::retrieval::cancel_flag()),
-    };
+    let opts = run_options(
+        &a.out,
+        a.resume,
+        &a.model,
+        &embedder,
+        &identity,
+        [
+            ("source", source),
+            (
+                "held_out",
+                serde_json::json!({"queries": held, "docs": hook.as_ref().map_or(0, |h| h.docs.len())}),
+            ),
+            (
+                "truncated",
+                serde_json::json!({"docs": doc_truncated, "queries": query_truncated}),
+            ),
+        ],
+    )?;
     let summary = train_sft(
         &mut embedder.model.model,
         &data,
@@ -372,15 +339,7 @@ fn sft(a: &SftArgs) -> Result<()> {
         &opts,
         hook.as_mut().map(|h| h as &mut dyn EvalHook),
     )?;
-    if summary.interrupted {
-        bail!(
-            "interrupted after step {} of {}; the checkpoint in {} continues with the same \
-             command plus --resume",
-            summary.step,
-            cfg.steps,
-            a.out.display()
-        );
-    }
+    interrupted_error(summary.interrupted, summary.step, cfg.steps, &a.out)?;
     eprintln!(
         "done: {} steps in {:.0}s ({} skipped); best eval {}; adapter {}",
         summary.step,
@@ -413,30 +372,15 @@ fn rl(a: &RlArgs) -> Result<()> {
         bail!("the split has no queries");
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    triples.shuffle(&mut rng);
-    if let Some(m) = a.max_queries {
-        triples.truncate(m);
-    }
-    let held = if triples.len() >= cfg.eval_queries + cfg.queries_per_step {
-        cfg.eval_queries
-    } else {
-        eprintln!(
-            "warning: {} queries are too few to hold out {} for evaluation; no eval",
-            triples.len(),
-            cfg.eval_queries
-        );
-        0
-    };
+    let held = shuffle_and_hold_out(
+        &mut triples,
+        &mut rng,
+        a.max_queries,
+        cfg.eval_queries,
+        cfg.queries_per_step,
+    );
 
-    let (mut embedder, identity) = load_embedder(
-        &a.model,
-        &EmbedderOptions {
-            adapter: None,
-            templates: a.templates.clone(),
-            max_doc_tokens: Some(cfg.max_doc_tokens),
-        },
-    )
-    .with_context(|| format!("loading model `{}`", a.model))?;
+    let (mut embedder, identity) = load_base(&a.model, a.templates.as_ref(), cfg.max_doc_tokens)?;
     // The stage-1 adapter becomes part of the weights: the reference policy is then the
     // stage-1 model, and the stage-2 adapter is saved stacked onto it.
     let (base, base_sha) = match &a.adapter {
@@ -539,49 +483,28 @@ fn rl(a: &RlArgs) -> Result<()> {
         forced_suffix: embedder.forced_suffix().to_vec(),
     };
 
-    let mut adapter_metadata = HashMap::new();
-    adapter_metadata.insert("base_model".into(), embedder.model.id.clone());
-    adapter_metadata.insert("base_model_sha256".into(), identity.sha256.clone());
-    adapter_metadata.insert("template_hash".into(), identity.template_hash.clone());
-    let mut manifest = serde_json::Map::new();
-    manifest.insert(
-        "base_model".into(),
-        serde_json::json!({"spec": a.model, "id": embedder.model.id, "sha256": identity.sha256}),
-    );
-    manifest.insert(
-        "stage1_adapter".into(),
-        serde_json::json!(a.adapter.as_ref().map(|p| serde_json::json!({
-            "path": p.display().to_string(), "sha256": base_sha}))),
-    );
-    manifest.insert(
-        "templates_hash".into(),
-        identity.template_hash.clone().into(),
-    );
-    manifest.insert(
-        "templates".into(),
-        serde_json::to_value(&embedder.templates)?,
-    );
-    manifest.insert(
-        "source".into(),
-        serde_json::json!({"dataset": a.dataset.display().to_string(), "split": a.split}),
-    );
-    manifest.insert(
-        "truncated".into(),
-        serde_json::json!({"docs": truncated, "queries": query_truncated}),
-    );
-    manifest.insert(
-        "command_line".into(),
-        std::env::args().collect::<Vec<_>>().join(" ").into(),
-    );
-    let opts = TrainOptions {
-        out: a.out.clone(),
-        resume: a.resume,
-        progress: true,
-        stop_after: None,
-        adapter_metadata,
-        manifest,
-        interrupt: Some(crate::retrieval::cancel_flag()),
-    };
+    let opts = run_options(
+        &a.out,
+        a.resume,
+        &a.model,
+        &embedder,
+        &identity,
+        [
+            (
+                "stage1_adapter",
+                serde_json::json!(a.adapter.as_ref().map(|p| serde_json::json!({
+                    "path": p.display().to_string(), "sha256": base_sha}))),
+            ),
+            (
+                "source",
+                serde_json::json!({"dataset": a.dataset.display().to_string(), "split": a.split}),
+            ),
+            (
+                "truncated",
+                serde_json::json!({"docs": truncated, "queries": query_truncated}),
+            ),
+        ],
+    )?;
     let tok = embedder.model.tokenizer.clone();
     let summary = train_rl(
         &mut embedder.model.model,
@@ -591,15 +514,7 @@ fn rl(a: &RlArgs) -> Result<()> {
         base.as_ref(),
         &opts,
     )?;
-    if summary.interrupted {
-        bail!(
-            "interrupted after step {} of {}; the checkpoint in {} continues with the same \
-             command plus --resume",
-            summary.step,
-            cfg.steps,
-            a.out.display()
-        );
-    }
+    interrupted_error(summary.interrupted, summary.step, cfg.steps, &a.out)?;
     eprintln!(
         "done: {} steps in {:.0}s ({} skipped); start eval {}; best eval {}; adapter {}",
         summary.step,
@@ -613,5 +528,110 @@ fn rl(a: &RlArgs) -> Result<()> {
             .map_or("-".into(), |b| format!("{:.4} at step {}", b.score, b.step)),
         a.out.join("adapter.safetensors").display()
     );
+    Ok(())
+}
+
+/// Shuffles the examples with the run's seed, keeps at most `max`, and says how many of the
+/// first ones are held out for evaluation (none, with a warning, when too few would be left
+/// for one training batch of `batch`).
+fn shuffle_and_hold_out(
+    triples: &mut Vec<Triple>,
+    rng: &mut rand::rngs::StdRng,
+    max: Option<usize>,
+    eval_queries: usize,
+    batch: usize,
+) -> usize {
+    triples.shuffle(rng);
+    if let Some(m) = max {
+        triples.truncate(m);
+    }
+    if triples.len() >= eval_queries + batch {
+        eval_queries
+    } else {
+        eprintln!(
+            "warning: {} examples are too few to hold out {eval_queries} for evaluation; no eval",
+            triples.len()
+        );
+        0
+    }
+}
+
+/// The base model (no adapter) with its templates, documents cut to `max_doc_tokens`.
+fn load_base(
+    model: &str,
+    templates: Option<&PathBuf>,
+    max_doc_tokens: usize,
+) -> Result<(Embedder, ModelIdentity)> {
+    load_embedder(
+        model,
+        &EmbedderOptions {
+            adapter: None,
+            templates: templates.cloned(),
+            max_doc_tokens: Some(max_doc_tokens),
+        },
+    )
+    .with_context(|| format!("loading model `{model}`"))
+}
+
+/// Run options shared by both stages: the base model's identity in every saved adapter's
+/// metadata (so an adapter refuses another base model), and a manifest with the base model,
+/// templates, command line and the stage's own `extra` entries.
+fn run_options<const N: usize>(
+    out: &std::path::Path,
+    resume: bool,
+    spec: &str,
+    embedder: &Embedder,
+    identity: &ModelIdentity,
+    extra: [(&str, serde_json::Value); N],
+) -> Result<TrainOptions> {
+    let mut adapter_metadata = HashMap::new();
+    adapter_metadata.insert("base_model".into(), embedder.model.id.clone());
+    adapter_metadata.insert("base_model_sha256".into(), identity.sha256.clone());
+    adapter_metadata.insert("template_hash".into(), identity.template_hash.clone());
+    let mut manifest = serde_json::Map::new();
+    manifest.insert(
+        "base_model".into(),
+        serde_json::json!({"spec": spec, "id": embedder.model.id, "sha256": identity.sha256}),
+    );
+    manifest.insert(
+        "templates_hash".into(),
+        identity.template_hash.clone().into(),
+    );
+    manifest.insert(
+        "templates".into(),
+        serde_json::to_value(&embedder.templates)?,
+    );
+    for (k, v) in extra {
+        manifest.insert(k.into(), v);
+    }
+    manifest.insert(
+        "command_line".into(),
+        std::env::args().collect::<Vec<_>>().join(" ").into(),
+    );
+    Ok(TrainOptions {
+        out: out.to_path_buf(),
+        resume,
+        progress: true,
+        stop_after: None,
+        adapter_metadata,
+        manifest,
+        interrupt: Some(crate::retrieval::cancel_flag()),
+    })
+}
+
+/// The error that ends an interrupted run, saying how to continue it.
+fn interrupted_error(
+    interrupted: bool,
+    step: usize,
+    steps: usize,
+    out: &std::path::Path,
+) -> Result<()> {
+    if interrupted {
+        bail!(
+            "interrupted after step {step} of {steps}; the checkpoint in {} continues with the \
+             same command plus --resume",
+            out.display()
+        );
+    }
     Ok(())
 }

@@ -4,33 +4,61 @@
 mod common;
 
 use sha2::Digest;
-use std::path::{Path, PathBuf};
-
-fn shipped() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../adapters/sft-smollm2")
-}
+use std::path::Path;
 
 #[test]
-fn shipped_adapter_matches_its_manifest() {
-    let dir = shipped();
-    let bytes = std::fs::read(dir.join("adapter.safetensors")).expect("adapters/sft-smollm2");
-    assert!(
-        bytes.len() <= 20_000_000,
-        "adapter is {} bytes, over 20 MB",
-        bytes.len()
-    );
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+fn shipped_adapters_match_their_manifests() {
+    let adapters = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../adapters");
+    // (directory, size limit, the command that made it, what its README must show)
+    let shipped: [(&str, usize, &str, &[&str]); 2] = [
+        (
+            "sft-smollm2",
+            20_000_000,
+            "train sft",
+            &["search-r3 mine-negatives", "search-r3 train sft"],
+        ),
+        (
+            "rl-smollm2",
+            40_000_000,
+            "train rl",
+            &["search-r3 train rl", "--adapter adapters/sft-smollm2"],
+        ),
+    ];
+    for (name, limit, command, readme_shows) in shipped {
+        let dir = adapters.join(name);
+        let bytes = std::fs::read(dir.join("adapter.safetensors")).expect(name);
+        assert!(
+            bytes.len() <= limit,
+            "{name}: adapter is {} bytes, over {limit}",
+            bytes.len()
+        );
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            m["adapter_sha256"].as_str().unwrap(),
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            "{name}: manifest.json does not describe this adapter.safetensors"
+        );
+        assert_eq!(m["base_model"]["id"], "smollm2");
+        assert!(m["command_line"].as_str().unwrap().contains(command));
+        assert!(m["config"]["steps"].as_u64().unwrap() > 0);
+        let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+        for text in readme_shows {
+            assert!(readme.contains(text), "{name}/README.md lacks `{text}`");
+        }
+    }
+    // The stage-2 adapter was trained on top of the shipped stage-1 adapter.
+    let read = |n: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(adapters.join(n).join("manifest.json")).unwrap(),
+        )
+        .unwrap()
+    };
     assert_eq!(
-        m["adapter_sha256"].as_str().unwrap(),
-        hex::encode(sha2::Sha256::digest(&bytes)),
-        "manifest.json does not describe this adapter.safetensors"
+        read("rl-smollm2")["stage1_adapter"]["sha256"],
+        read("sft-smollm2")["adapter_sha256"]
     );
-    assert_eq!(m["base_model"]["id"], "smollm2");
-    assert!(m["command_line"].as_str().unwrap().contains("train sft"));
-    assert!(m["config"]["steps"].as_u64().unwrap() > 0);
-    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
-    assert!(readme.contains("search-r3 mine-negatives") && readme.contains("search-r3 train sft"));
 }
 
 /// Ids of the hits printed for each query, in order, per mode section.

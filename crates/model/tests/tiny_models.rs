@@ -1365,7 +1365,10 @@ fn trainable_state_round_trips_and_refuses_other_models() {
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o644, "an adapter is a shareable file, not a private temp file");
+        assert_eq!(
+            mode, 0o644,
+            "an adapter is a shareable file, not a private temp file"
+        );
     }
 
     let mut fresh = load(&gguf, ModelFormat::Gguf).model;

@@ -121,9 +121,7 @@ impl RetrievalEnv {
         kind: IndexKind,
         policy: RefreshPolicy,
     ) -> Result<Self> {
-        if prompts.is_empty() {
-            invalid!("RetrievalEnv: the corpus is empty");
-        }
+        check_corpus_and_policy(&prompts, policy)?;
         let vectors = embed_sequences(model, &prompts, pad_id, micro_tokens)?;
         Self::from_vectors(prompts, &vectors, pad_id, micro_tokens, kind, policy)
     }
@@ -139,19 +137,12 @@ impl RetrievalEnv {
         kind: IndexKind,
         policy: RefreshPolicy,
     ) -> Result<Self> {
-        if prompts.is_empty() {
-            invalid!("RetrievalEnv: the corpus is empty");
-        }
+        check_corpus_and_policy(&prompts, policy)?;
         if vectors.len() != prompts.len() {
             invalid!(
                 "RetrievalEnv: {} vectors for {} documents",
                 vectors.len(),
                 prompts.len()
-            );
-        }
-        if let RefreshPolicy::Local { budget: 0, .. } = policy {
-            invalid!(
-                "RetrievalEnv: a local refresh budget of 0 never refreshes; use policy = \"never\""
             );
         }
         let dim = vectors[0].len();
@@ -536,6 +527,19 @@ fn prompts_hash(prompts: &[Vec<u32>]) -> String {
         p.iter().for_each(|t| h.update(t.to_le_bytes()));
     }
     hex::encode(h.finalize())
+}
+
+/// Refuses an empty corpus and a local budget of 0 (before any encoding is spent).
+fn check_corpus_and_policy(prompts: &[Vec<u32>], policy: RefreshPolicy) -> Result<()> {
+    if prompts.is_empty() {
+        invalid!("RetrievalEnv: the corpus is empty");
+    }
+    if let RefreshPolicy::Local { budget: 0, .. } = policy {
+        invalid!(
+            "RetrievalEnv: a local refresh budget of 0 never refreshes; use policy = \"never\""
+        );
+    }
+    Ok(())
 }
 
 fn index_err(e: search_r3_index::IndexError) -> crate::Error {

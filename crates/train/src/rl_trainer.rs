@@ -30,9 +30,10 @@ use crate::rl::{
     reason_and_embed, rl_gradients, rollout, touched_documents, RlQuery, RlStats, RlStepConfig,
 };
 use crate::trainer::{
-    checkpoint_dir, checksums, embed_sequences, epoch_order, fmt_duration, log_line, plot_curves,
-    sha256_file, sha256_hex, swap_in_checkpoint, truncate_metrics, verify_checksums, BestEval,
-    Cursor, LoraSection, Stream, TrainOptions, ADAPTER, CKPT, METRICS, OPTIMIZER,
+    checkpoint_dir, checksums, config_from_toml, config_hash, embed_sequences, epoch_order,
+    fmt_duration, log_line, plot_curves, sha256_file, swap_in_checkpoint, truncate_metrics,
+    verify_checksums, BestEval, Cursor, LoraSection, Stream, TrainOptions, ADAPTER, CKPT, METRICS,
+    OPTIMIZER,
 };
 use search_r3_core::metrics::evaluate_query;
 use search_r3_index::{IndexKind, VectorIndex};
@@ -135,13 +136,7 @@ impl Default for RlConfig {
 impl RlConfig {
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
-        let at = |msg: String| Error::File {
-            path: PathBuf::from(origin),
-            msg,
-        };
-        let c: RlConfig = toml::from_str(text).map_err(|e| at(e.to_string()))?;
-        c.validate().map_err(|e| at(e.to_string()))?;
-        Ok(c)
+        config_from_toml(text, origin, Self::validate)
     }
 
     /// Reads a TOML file (see [`RlConfig::from_toml`]).
@@ -191,9 +186,17 @@ impl RlConfig {
         if self.lora.targets.is_empty() {
             invalid!("rl config: `lora.targets` is empty");
         }
+        let mut names = std::collections::BTreeSet::new();
         for p in std::iter::once(&self.refresh).chain(&self.baselines) {
             if let RefreshPolicy::Local { budget: 0, .. } = p {
                 invalid!("rl config: a local refresh budget of 0 never refreshes; use policy = \"never\"");
+            }
+            // Measurements are reported by policy name.
+            if !names.insert(policy_name(p)) {
+                invalid!(
+                    "rl config: refresh policy `{}` appears twice among `refresh` and `baselines`",
+                    policy_name(p)
+                );
             }
         }
         Ok(())
@@ -206,7 +209,7 @@ impl RlConfig {
 
     /// sha256 of the canonical JSON; a checkpoint resumes only under the same hash.
     pub fn hash(&self) -> String {
-        sha256_hex(&serde_json::to_vec(self).expect("config serialises"))
+        config_hash(self)
     }
 }
 

@@ -151,23 +151,12 @@ impl Default for SftConfig {
 impl SftConfig {
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
-        let c: SftConfig = toml::from_str(text).map_err(|e| Error::File {
-            path: PathBuf::from(origin),
-            msg: e.to_string(),
-        })?;
-        c.validate().map_err(|e| Error::File {
-            path: PathBuf::from(origin),
-            msg: e.to_string(),
-        })?;
-        Ok(c)
+        config_from_toml(text, origin, Self::validate)
     }
 
     /// Reads a TOML file (see [`SftConfig::from_toml`]).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::File {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e))?;
         Self::from_toml(&text, &path.display().to_string())
     }
 
@@ -209,8 +198,29 @@ impl SftConfig {
     /// sha256 (hex) of the canonical JSON of the config; a checkpoint only resumes under the
     /// same hash.
     pub fn hash(&self) -> String {
-        sha256_hex(&serde_json::to_vec(self).expect("config serialises"))
+        config_hash(self)
     }
+}
+
+/// A run config from TOML text: unknown keys and out-of-range values are errors that name
+/// `origin`.
+pub(crate) fn config_from_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+    validate: impl Fn(&T) -> Result<()>,
+) -> Result<T> {
+    let at = |msg: String| Error::File {
+        path: PathBuf::from(origin),
+        msg,
+    };
+    let c: T = toml::from_str(text).map_err(|e| at(e.to_string()))?;
+    validate(&c).map_err(|e| at(e.to_string()))?;
+    Ok(c)
+}
+
+/// sha256 (hex) of a config's canonical JSON.
+pub(crate) fn config_hash<T: Serialize>(c: &T) -> String {
+    sha256_hex(&serde_json::to_vec(c).expect("config serialises"))
 }
 
 /// One training query as token ids.

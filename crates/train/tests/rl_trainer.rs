@@ -225,21 +225,19 @@ fn saved_adapter_stacks_onto_the_folded_stage1_adapter() {
 
 #[test]
 fn bad_configs_and_data_are_refused() {
-    let err = RlConfig::from_toml("stepz = 3", "rl.toml")
-        .unwrap_err()
-        .to_string();
+    let refused = |text: &str| {
+        RlConfig::from_toml(text, "rl.toml")
+            .unwrap_err()
+            .to_string()
+    };
+    let err = refused("stepz = 3");
     assert!(err.contains("rl.toml") && err.contains("stepz"), "{err}");
-    let err = RlConfig::from_toml("[rollout]\ngroup_size = 1", "rl.toml")
-        .unwrap_err()
-        .to_string();
+    let err = refused("[rollout]\ngroup_size = 1");
     assert!(err.contains("group_size"), "{err}");
-    let err = RlConfig::from_toml(
-        "refresh = { policy = \"local\", budget = 0, neighbors = 4 }",
-        "rl.toml",
-    )
-    .unwrap_err()
-    .to_string();
+    let err = refused("refresh = { policy = \"local\", budget = 0, neighbors = 4 }");
     assert!(err.contains("budget of 0"), "{err}");
+    let err = refused("refresh = { policy = \"never\" }\nbaselines = [{ policy = \"never\" }]");
+    assert!(err.contains("`never` appears twice"), "{err}");
     let c = RlConfig::from_toml(
         "baselines = [{ policy = \"full\" }]\nrefresh = { policy = \"never\" }\nindex = \"exact\"",
         "rl.toml",
