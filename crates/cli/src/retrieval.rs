@@ -333,8 +333,10 @@ pub struct DemoArgs {
     embed: EmbedArgs,
 }
 
-/// Trained adapters shipped in the repository, by the model they were trained on.
-const SHIPPED_ADAPTERS: &[(&str, &str)] = &[("smollm2", "adapters/sft-smollm2")];
+/// Trained adapters shipped in the repository, by the model they were trained on: the stage-2
+/// adapter (stage 1 stacked with GRPO), which beats the stage-1 one on SciFact test with
+/// reasoning on (docs/benchmarks.md, stage-2 section).
+const SHIPPED_ADAPTERS: &[(&str, &str)] = &[("smollm2", "adapters/rl-smollm2")];
 
 /// The shipped adapter for `model`: looked up from the working directory first, then in the
 /// source tree the binary was built from (so `demo` finds it from anywhere in a checkout).

@@ -92,7 +92,7 @@ fn demo_runs_end_to_end_with_the_shipped_adapter() {
     let args = ["demo", "--out", out.to_str().unwrap(), "-k", "3"];
     let (ok, stdout, stderr) = common::run(&args);
     assert!(ok, "{stderr}");
-    assert!(stderr.contains("adapters/sft-smollm2"), "{stderr}");
+    assert!(stderr.contains("adapters/rl-smollm2"), "{stderr}");
     let h = hits(&stdout);
     assert_eq!(h.len(), 10, "5 queries × 2 modes:\n{stdout}");
     assert!(h.iter().all(|(_, _, ids)| ids.len() == 3), "{stdout}");
