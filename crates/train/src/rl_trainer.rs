@@ -33,7 +33,7 @@ use crate::trainer::{
     checkpoint_dir, checksums, config_from_toml, config_hash, embed_sequences, epoch_order,
     fmt_duration, log_line, plot_curves, sha256_file, swap_in_checkpoint, truncate_metrics,
     verify_checksums, BestEval, Cursor, LoraSection, Stream, TrainOptions, ADAPTER, CKPT, METRICS,
-    OPTIMIZER,
+    OPTIMIZER, STATE,
 };
 use search_r3_core::metrics::evaluate_query;
 use search_r3_index::{IndexKind, VectorIndex};
@@ -398,6 +398,9 @@ struct RlState {
     cursor: Cursor,
     config_hash: String,
     data_hash: String,
+    /// What the policy was built on: the base model (adapter metadata) and the folded
+    /// stage-1 adapter's values.
+    base_hash: String,
     best: Option<BestEval>,
     start_eval: Option<RlEval>,
     last: Option<RlStats>,
@@ -406,7 +409,7 @@ struct RlState {
 }
 
 const RL_FORMAT: &str = "search-r3-rl-checkpoint-1";
-const RL_STATE: &str = "rl_state.json";
+pub(crate) const RL_STATE: &str = "rl_state.json";
 const ENV_DIR: &str = "env";
 
 fn baseline_dir(i: usize) -> String {
@@ -477,6 +480,7 @@ pub fn train_rl(
     let micro = cfg.rollout.micro_tokens;
     let pad = data.pad_id;
 
+    let base_hash = policy_base_hash(base, &opts.adapter_metadata)?;
     model.add_lora(cfg.lora.config(), cfg.lora.seed)?;
     model.lora_enabled = true;
     let envs = 1 + cfg.baselines.len();
@@ -493,6 +497,12 @@ pub fn train_rl(
             return Err(file_err(
                 &state_path,
                 "checkpoint was written for different data (hash mismatch)",
+            ));
+        }
+        if s.base_hash != base_hash {
+            return Err(file_err(
+                &state_path,
+                "checkpoint was written on a different base model or stage-1 adapter; resume with the same --model and --adapter",
             ));
         }
         load_trainable(model, &dir.join(ADAPTER))?;
@@ -525,6 +535,7 @@ pub fn train_rl(
             cursor: Cursor { epoch: 0, pos: 0 },
             config_hash: cfg.hash(),
             data_hash: data.hash(),
+            base_hash: base_hash.clone(),
             best: None,
             start_eval: None,
             last: None,
@@ -859,6 +870,29 @@ pub fn train_rl(
     Ok(summary)
 }
 
+/// sha256 of what the stage-2 policy starts from besides this stage's adapter: the base model
+/// as the adapter metadata names it, and the folded stage-1 adapter's configuration and values.
+fn policy_base_hash(base: Option<&Lora>, meta: &HashMap<String, String>) -> Result<String> {
+    let mut h = Sha256::new();
+    for key in ["base_model", "base_model_sha256"] {
+        h.update(meta.get(key).map_or("", String::as_str).as_bytes());
+        h.update([0]);
+    }
+    if let Some(lora) = base {
+        h.update(serde_json::to_vec(&lora.config).expect("lora config serialises"));
+        for (name, var) in lora.named_vars() {
+            h.update(name.as_bytes());
+            let values: Vec<f32> = var
+                .as_tensor()
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            values.iter().for_each(|v| h.update(v.to_le_bytes()));
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
 /// The environment's stored vectors, by document.
 fn stored_vectors(env: &RetrievalEnv) -> Vec<Vec<f32>> {
     (0..env.len())
@@ -927,6 +961,12 @@ fn write_rl_checkpoint(
 fn read_rl_checkpoint(out: &Path) -> Result<(RlState, PathBuf)> {
     let dir = checkpoint_dir(out)?;
     let state_path = dir.join(RL_STATE);
+    if dir.join(STATE).exists() {
+        return Err(file_err(
+            &dir,
+            "this is a stage-1 (train sft) checkpoint; give train rl another output directory",
+        ));
+    }
     if !state_path.exists() {
         return Err(file_err(
             &state_path,

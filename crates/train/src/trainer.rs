@@ -378,7 +378,7 @@ pub(crate) const CKPT: &str = "checkpoint";
 const CKPT_OLD: &str = ".checkpoint.old";
 pub(crate) const ADAPTER: &str = "adapter.safetensors";
 pub(crate) const OPTIMIZER: &str = "optimizer.safetensors";
-const STATE: &str = "trainer_state.json";
+pub(crate) const STATE: &str = "trainer_state.json";
 pub(crate) const METRICS: &str = "metrics.jsonl";
 /// Loss and eval curves, redrawn at every eval and at the end.
 pub const CURVES: &str = "curves.png";
@@ -669,6 +669,12 @@ pub(crate) fn verify_checksums(
 fn read_checkpoint(out: &Path) -> Result<TrainerState> {
     let dir = checkpoint_dir(out)?;
     let state_path = dir.join(STATE);
+    if dir.join(crate::rl_trainer::RL_STATE).exists() {
+        return Err(file_err(
+            &dir,
+            "this is a stage-2 (train rl) checkpoint; give train sft another output directory",
+        ));
+    }
     if !state_path.exists() {
         return Err(file_err(
             &state_path,

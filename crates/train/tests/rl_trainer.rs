@@ -276,3 +276,42 @@ fn bad_configs_and_data_are_refused() {
     .to_string();
     assert!(err.contains("merge_lora"), "{err}");
 }
+
+#[test]
+fn resume_refuses_another_stage1_adapter_or_a_stage1_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = tokenizer(tmp.path());
+    let d = data(12, 0, 6);
+    let mut cfg = config(4);
+    cfg.eval_every = 0;
+    cfg.measure_every = 0;
+    let out = tmp.path().join("run");
+    let mut m = base();
+    let s = train_rl(&mut m, &tok, &d, &cfg, None, &opts(&out, false, Some(2))).unwrap();
+    assert!(s.stopped_early);
+    // Same config and data, but the policy now starts from a folded stage-1 adapter.
+    let stage1 = tiny_with_lora(5, &[LoraTarget::Q], 3);
+    let lora = stage1.lora.clone().unwrap();
+    let mut folded = stage1.clone();
+    folded.merge_lora().unwrap();
+    let err = train_rl(
+        &mut folded,
+        &tok,
+        &d,
+        &cfg,
+        Some(&lora),
+        &opts(&out, true, None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("stage-1 adapter"), "{err}");
+
+    // A stage-1 checkpoint directory is named as such instead of "no checkpoint".
+    let sft = tmp.path().join("sft");
+    std::fs::create_dir_all(sft.join("checkpoint")).unwrap();
+    std::fs::write(sft.join("checkpoint/trainer_state.json"), "{}").unwrap();
+    let err = train_rl(&mut base(), &tok, &d, &cfg, None, &opts(&sft, true, None))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("stage-1 (train sft) checkpoint"), "{err}");
+}

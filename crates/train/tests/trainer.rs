@@ -283,3 +283,20 @@ fn config_toml_round_trip_and_unknown_keys() {
         .to_string();
     assert!(err.contains("warmup_steps"), "{err}");
 }
+
+#[test]
+fn a_stage2_checkpoint_is_named_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("checkpoint")).unwrap();
+    std::fs::write(tmp.path().join("checkpoint/rl_state.json"), "{}").unwrap();
+    let err = train_sft(
+        &mut tiny_model(1),
+        &tiny_data(10, 1),
+        &tiny_config(2),
+        &opts(tmp.path(), true, None),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("stage-2 (train rl) checkpoint"), "{err}");
+}
