@@ -42,9 +42,6 @@ pub enum TrainCmd {
 /// `search-r3 train rl`.
 #[derive(Args, Debug)]
 pub struct RlArgs {
-    /// A fetched name (smollm2, qwen2.5-coder-0.5b), a .gguf file, or an HF model directory.
-    #[arg(long, short, default_value = "smollm2")]
-    model: String,
     /// The stage-1 adapter (file or run directory) the policy starts from; it is folded into
     /// the weights, is the KL reference, and the saved adapter includes it.
     #[arg(long)]
@@ -56,45 +53,22 @@ pub struct RlArgs {
     /// The split to train on (test judgements are never read unless named here).
     #[arg(long, default_value = "train")]
     split: String,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// What both training stages take: the model, the run directory and config, resumption,
+/// data size and templates.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// A fetched name (smollm2, qwen2.5-coder-0.5b), a .gguf file, or an HF model directory.
+    #[arg(long, short, default_value = "smollm2")]
+    model: String,
     /// Output directory (checkpoints, metrics.jsonl, curves.png, adapter.safetensors,
     /// manifest.json).
     #[arg(long)]
     out: PathBuf,
-    /// Stage-2 config (TOML); every key is optional, unknown keys are errors.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Continue from OUT/checkpoint (same config and data required).
-    #[arg(long)]
-    resume: bool,
-    /// Use at most this many queries (after the seeded shuffle; held-out ones included).
-    #[arg(long)]
-    max_queries: Option<usize>,
-    /// Prompt templates (TOML) instead of the built-in ones for the model family.
-    #[arg(long)]
-    templates: Option<PathBuf>,
-}
-
-/// `search-r3 train sft`.
-#[derive(Args, Debug)]
-pub struct SftArgs {
-    /// A fetched name (smollm2, qwen2.5-coder-0.5b), a .gguf file, or an HF model directory.
-    #[arg(long, short, default_value = "smollm2")]
-    model: String,
-    /// BEIR dataset directory whose split's judgements are the training examples (not needed
-    /// with --triples).
-    #[arg(long)]
-    dataset: Option<PathBuf>,
-    /// The split to train on.
-    #[arg(long, default_value = "train")]
-    split: String,
-    /// Triples JSONL (`{"query", "pos": [...], "neg": [...]}`, e.g. from `mine-negatives`)
-    /// instead of the split's judgements.
-    #[arg(long)]
-    triples: Option<PathBuf>,
-    /// Output directory (checkpoints, metrics.jsonl, adapter.safetensors, manifest.json).
-    #[arg(long)]
-    out: PathBuf,
-    /// Training config (TOML); every key is optional, unknown keys are errors.
+    /// The stage's config (TOML); every key is optional, unknown keys are errors.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Continue from OUT/checkpoint (same config and data required).
@@ -106,6 +80,24 @@ pub struct SftArgs {
     /// Prompt templates (TOML) instead of the built-in ones for the model family.
     #[arg(long)]
     templates: Option<PathBuf>,
+}
+
+/// `search-r3 train sft`.
+#[derive(Args, Debug)]
+pub struct SftArgs {
+    /// BEIR dataset directory whose split's judgements are the training examples (not needed
+    /// with --triples).
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// The split to train on.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Triples JSONL (`{"query", "pos": [...], "neg": [...]}`, e.g. from `mine-negatives`)
+    /// instead of the split's judgements.
+    #[arg(long)]
+    triples: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// nDCG@10 of held-out queries over a small corpus, with the model being trained.
@@ -196,7 +188,7 @@ pub fn run(cmd: &TrainCmd) -> Result<()> {
 }
 
 fn sft(a: &SftArgs) -> Result<()> {
-    let cfg = match &a.config {
+    let cfg = match &a.run.config {
         Some(p) => SftConfig::from_file(p)?,
         None => SftConfig::default(),
     };
@@ -229,12 +221,13 @@ fn sft(a: &SftArgs) -> Result<()> {
     let held = shuffle_and_hold_out(
         &mut triples,
         &mut rng,
-        a.max_queries,
+        a.run.max_queries,
         cfg.eval_queries,
         cfg.queries_per_batch,
     );
 
-    let (mut embedder, identity) = load_base(&a.model, a.templates.as_ref(), cfg.max_doc_tokens)?;
+    let (mut embedder, identity) =
+        load_base(&a.run.model, a.run.templates.as_ref(), cfg.max_doc_tokens)?;
     let pad_id = embedder.model.tokenizer.pad_id;
 
     // Tokenize.
@@ -315,9 +308,9 @@ fn sft(a: &SftArgs) -> Result<()> {
     };
 
     let opts = run_options(
-        &a.out,
-        a.resume,
-        &a.model,
+        &a.run.out,
+        a.run.resume,
+        &a.run.model,
         &embedder,
         &identity,
         [
@@ -339,7 +332,7 @@ fn sft(a: &SftArgs) -> Result<()> {
         &opts,
         hook.as_mut().map(|h| h as &mut dyn EvalHook),
     )?;
-    interrupted_error(summary.interrupted, summary.step, cfg.steps, &a.out)?;
+    interrupted_error(summary.interrupted, summary.step, cfg.steps, &a.run.out)?;
     eprintln!(
         "done: {} steps in {:.0}s ({} skipped); best eval {}; adapter {}",
         summary.step,
@@ -348,7 +341,7 @@ fn sft(a: &SftArgs) -> Result<()> {
         summary
             .best
             .map_or("-".into(), |b| format!("{:.4} at step {}", b.score, b.step)),
-        a.out.join("adapter.safetensors").display()
+        a.run.out.join("adapter.safetensors").display()
     );
     Ok(())
 }
@@ -360,7 +353,7 @@ fn sha256_file(path: &std::path::Path) -> Result<String> {
 }
 
 fn rl(a: &RlArgs) -> Result<()> {
-    let cfg = match &a.config {
+    let cfg = match &a.run.config {
         Some(p) => RlConfig::from_file(p)?,
         None => RlConfig::default(),
     };
@@ -375,12 +368,13 @@ fn rl(a: &RlArgs) -> Result<()> {
     let held = shuffle_and_hold_out(
         &mut triples,
         &mut rng,
-        a.max_queries,
+        a.run.max_queries,
         cfg.eval_queries,
         cfg.queries_per_step,
     );
 
-    let (mut embedder, identity) = load_base(&a.model, a.templates.as_ref(), cfg.max_doc_tokens)?;
+    let (mut embedder, identity) =
+        load_base(&a.run.model, a.run.templates.as_ref(), cfg.max_doc_tokens)?;
     // The stage-1 adapter becomes part of the weights: the reference policy is then the
     // stage-1 model, and the stage-2 adapter is saved stacked onto it.
     let (base, base_sha) = match &a.adapter {
@@ -400,7 +394,7 @@ fn rl(a: &RlArgs) -> Result<()> {
                 bail!(
                     "{}: adapter was trained on a base model with sha256 {b}, not on `{}` ({})",
                     file.display(),
-                    a.model,
+                    a.run.model,
                     identity.sha256
                 );
             }
@@ -484,9 +478,9 @@ fn rl(a: &RlArgs) -> Result<()> {
     };
 
     let opts = run_options(
-        &a.out,
-        a.resume,
-        &a.model,
+        &a.run.out,
+        a.run.resume,
+        &a.run.model,
         &embedder,
         &identity,
         [
@@ -514,7 +508,7 @@ fn rl(a: &RlArgs) -> Result<()> {
         base.as_ref(),
         &opts,
     )?;
-    interrupted_error(summary.interrupted, summary.step, cfg.steps, &a.out)?;
+    interrupted_error(summary.interrupted, summary.step, cfg.steps, &a.run.out)?;
     eprintln!(
         "done: {} steps in {:.0}s ({} skipped); start eval {}; best eval {}; adapter {}",
         summary.step,
@@ -526,7 +520,7 @@ fn rl(a: &RlArgs) -> Result<()> {
         summary
             .best
             .map_or("-".into(), |b| format!("{:.4} at step {}", b.score, b.step)),
-        a.out.join("adapter.safetensors").display()
+        a.run.out.join("adapter.safetensors").display()
     );
     Ok(())
 }

@@ -30,9 +30,9 @@ use crate::rl::{
     reason_and_embed, rl_gradients, rollout, touched_documents, RlQuery, RlStats, RlStepConfig,
 };
 use crate::trainer::{
-    checkpoint_dir, checksums, config_from_toml, config_hash, embed_sequences, epoch_order,
-    fmt_duration, log_line, plot_curves, sha256_file, swap_in_checkpoint, truncate_metrics,
-    verify_checksums, BestEval, Cursor, LoraSection, Stream, TrainOptions, ADAPTER, CKPT, METRICS,
+    checksums, config_from_toml, config_hash, embed_sequences, epoch_order, fmt_duration, log_line,
+    plot_curves, read_checkpoint_state, sha256_file, swap_in_checkpoint, truncate_metrics,
+    BestEval, CheckpointKind, Cursor, LoraSection, Stream, TrainOptions, ADAPTER, CKPT, METRICS,
     OPTIMIZER, STATE,
 };
 use search_r3_core::metrics::evaluate_query;
@@ -959,29 +959,14 @@ fn write_rl_checkpoint(
 /// Reads and verifies the stage-2 checkpoint state (the environments verify their own files
 /// when loaded).
 fn read_rl_checkpoint(out: &Path) -> Result<(RlState, PathBuf)> {
-    let dir = checkpoint_dir(out)?;
-    let state_path = dir.join(RL_STATE);
-    if dir.join(STATE).exists() {
-        return Err(file_err(
-            &dir,
+    let kind = CheckpointKind {
+        state_file: RL_STATE,
+        format: RL_FORMAT,
+        missing: "no stage-2 checkpoint to resume from (run without --resume to start afresh)",
+        foreign: (
+            STATE,
             "this is a stage-1 (train sft) checkpoint; give train rl another output directory",
-        ));
-    }
-    if !state_path.exists() {
-        return Err(file_err(
-            &state_path,
-            "no stage-2 checkpoint to resume from (run without --resume to start afresh)",
-        ));
-    }
-    let text = std::fs::read_to_string(&state_path).map_err(|e| file_err(&state_path, e))?;
-    let state: RlState = serde_json::from_str(&text)
-        .map_err(|e| file_err(&state_path, format!("corrupted checkpoint state: {e}")))?;
-    if state.format != RL_FORMAT {
-        return Err(file_err(
-            &state_path,
-            format!("unknown checkpoint format `{}`", state.format),
-        ));
-    }
-    verify_checksums(&dir, &state_path, &[ADAPTER, OPTIMIZER], &state.files)?;
-    Ok((state, dir))
+        ),
+    };
+    read_checkpoint_state(out, &kind, |s: &RlState| (s.format.as_str(), &s.files))
 }

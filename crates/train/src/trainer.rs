@@ -664,33 +664,62 @@ pub(crate) fn verify_checksums(
     Ok(())
 }
 
-/// Reads and verifies `out/checkpoint/trainer_state.json` and the checksums of the files it
-/// lists.
-fn read_checkpoint(out: &Path) -> Result<TrainerState> {
+/// How a training stage's checkpoint is recognised.
+pub(crate) struct CheckpointKind {
+    /// Its state file in `checkpoint/`.
+    pub(crate) state_file: &'static str,
+    /// The `format` its state must carry.
+    pub(crate) format: &'static str,
+    /// The error when there is no such state to resume from.
+    pub(crate) missing: &'static str,
+    /// The other stage's state file, and the error naming it (a run directory of the other
+    /// stage is not "no checkpoint").
+    pub(crate) foreign: (&'static str, &'static str),
+}
+
+/// Reads and verifies `out/checkpoint/<state file>`: its format, and the checksums of the
+/// adapter and optimizer files it lists (`header` gives a state's format and checksums).
+/// Returns the state and the checkpoint directory.
+pub(crate) fn read_checkpoint_state<T: serde::de::DeserializeOwned>(
+    out: &Path,
+    kind: &CheckpointKind,
+    header: impl Fn(&T) -> (&str, &BTreeMap<String, String>),
+) -> Result<(T, PathBuf)> {
     let dir = checkpoint_dir(out)?;
-    let state_path = dir.join(STATE);
-    if dir.join(crate::rl_trainer::RL_STATE).exists() {
-        return Err(file_err(
-            &dir,
-            "this is a stage-2 (train rl) checkpoint; give train sft another output directory",
-        ));
+    let state_path = dir.join(kind.state_file);
+    if dir.join(kind.foreign.0).exists() {
+        return Err(file_err(&dir, kind.foreign.1));
     }
     if !state_path.exists() {
-        return Err(file_err(
-            &state_path,
-            "no checkpoint to resume from (run without --resume to start afresh)",
-        ));
+        return Err(file_err(&state_path, kind.missing));
     }
     let text = std::fs::read_to_string(&state_path).map_err(|e| file_err(&state_path, e))?;
-    let state: TrainerState = serde_json::from_str(&text)
+    let state: T = serde_json::from_str(&text)
         .map_err(|e| file_err(&state_path, format!("corrupted checkpoint state: {e}")))?;
-    if state.format != STATE_FORMAT {
+    let (format, files) = header(&state);
+    if format != kind.format {
         return Err(file_err(
             &state_path,
-            format!("unknown checkpoint format `{}`", state.format),
+            format!("unknown checkpoint format `{format}`"),
         ));
     }
-    verify_checksums(&dir, &state_path, &[ADAPTER, OPTIMIZER], &state.files)?;
+    verify_checksums(&dir, &state_path, &[ADAPTER, OPTIMIZER], files)?;
+    Ok((state, dir))
+}
+
+/// Reads and verifies the stage-1 checkpoint state.
+fn read_checkpoint(out: &Path) -> Result<TrainerState> {
+    let kind = CheckpointKind {
+        state_file: STATE,
+        format: STATE_FORMAT,
+        missing: "no checkpoint to resume from (run without --resume to start afresh)",
+        foreign: (
+            crate::rl_trainer::RL_STATE,
+            "this is a stage-2 (train rl) checkpoint; give train sft another output directory",
+        ),
+    };
+    let (state, _) =
+        read_checkpoint_state(out, &kind, |s: &TrainerState| (s.format.as_str(), &s.files))?;
     Ok(state)
 }
 

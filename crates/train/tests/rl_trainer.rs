@@ -73,6 +73,13 @@ fn config(steps: usize) -> RlConfig {
     c
 }
 
+/// `cfg` without evaluations and environment measurements (tests about other things).
+fn unmeasured(mut cfg: RlConfig) -> RlConfig {
+    cfg.eval_every = 0;
+    cfg.measure_every = 0;
+    cfg
+}
+
 fn opts(out: &Path, resume: bool, stop_after: Option<usize>) -> TrainOptions {
     TrainOptions {
         out: out.to_path_buf(),
@@ -178,9 +185,7 @@ fn saved_adapter_stacks_onto_the_folded_stage1_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = tokenizer(tmp.path());
     let d = data(12, 0, 3);
-    let mut cfg = config(2);
-    cfg.eval_every = 0;
-    cfg.measure_every = 0;
+    let cfg = unmeasured(config(2));
     // A stage-1 model whose adapter is not zero.
     let stage1 = tiny_with_lora(5, &[LoraTarget::Q, LoraTarget::Up], 9);
     for (name, v) in stage1.trainable_vars() {
@@ -282,9 +287,7 @@ fn resume_refuses_another_stage1_adapter_or_a_stage1_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = tokenizer(tmp.path());
     let d = data(12, 0, 6);
-    let mut cfg = config(4);
-    cfg.eval_every = 0;
-    cfg.measure_every = 0;
+    let cfg = unmeasured(config(4));
     let out = tmp.path().join("run");
     let mut m = base();
     let s = train_rl(&mut m, &tok, &d, &cfg, None, &opts(&out, false, Some(2))).unwrap();
