@@ -170,14 +170,25 @@ impl Embedder {
         let truncated = body.len() > self.max_doc_tokens;
         body.truncate(self.max_doc_tokens);
         Ok(DocPrompt {
-            ids: join(&self.doc, &body),
+            ids: self.document_prompt_ids(&body),
             truncated,
         })
     }
 
+    /// The document prompt around already tokenized text (no truncation: callers that
+    /// tokenize themselves, like the server, apply their own length rules first).
+    pub fn document_prompt_ids(&self, body: &[u32]) -> Vec<u32> {
+        join(&self.doc, body)
+    }
+
     /// The prompt ids of a query in direct mode.
     pub fn query_prompt(&self, query: &str) -> Result<Vec<u32>, EmbedError> {
-        Ok(join(&self.query, &self.model.tokenizer.encode(query)?))
+        Ok(self.query_prompt_ids(&self.model.tokenizer.encode(query)?))
+    }
+
+    /// The direct-mode query prompt around already tokenized query text.
+    pub fn query_prompt_ids(&self, body: &[u32]) -> Vec<u32> {
+        join(&self.query, body)
     }
 
     /// The direct-mode query prompt for stage-1 training, and the index of its first
@@ -227,6 +238,16 @@ impl Embedder {
     /// [`Embedder::batch_tokens`] padded tokens (length-sorted); the result does not depend on
     /// what else is in a batch (padding is masked exactly).
     pub fn embed_prompts(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        Ok(self
+            .embed_prompts_raw(prompts)?
+            .into_iter()
+            .map(normalize)
+            .collect())
+    }
+
+    /// [`Embedder::embed_prompts`] without the L2 normalisation: the final-norm hidden states
+    /// at the embed token as the model computes them (TEI's `"normalize": false`).
+    pub fn embed_prompts_raw(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
         for p in prompts {
             if p.last() != Some(&self.embed_id) {
                 return Err(search_r3_model::Error::Invalid(
@@ -250,8 +271,7 @@ impl Embedder {
         let batch = Batch::left_padded(prompts, self.model.tokenizer.pad_id)?;
         let h = self.model.model.forward(&batch, Path::Fast, None)?;
         let last = h.narrow(1, batch.t - 1, 1)?.squeeze(1)?; // [b, d]
-        let rows: Vec<Vec<f32>> = last.to_dtype(candle_core::DType::F32)?.to_vec2()?;
-        Ok(rows.into_iter().map(normalize).collect())
+        Ok(last.to_dtype(candle_core::DType::F32)?.to_vec2()?)
     }
 
     /// Embeds document texts; returns the vectors and how many were truncated.

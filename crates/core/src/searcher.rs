@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 const DOCS_FILE: &str = "docs.jsonl";
 
@@ -190,8 +191,9 @@ pub struct SearchResult {
 
 /// An opened index with its embedder and document table.
 pub struct Searcher {
-    /// The embedder whose identity matches the index.
-    pub embedder: Embedder,
+    /// The embedder whose identity matches the index (shared, so a server's model workers can
+    /// embed while the index itself sits behind a lock).
+    pub embedder: Arc<Embedder>,
     /// The vectors.
     pub index: AnyIndex,
     /// Document table: `docs[key]`, `None` for deleted keys (keys are never reused).
@@ -248,7 +250,52 @@ fn snippet(text: &str, n: usize) -> String {
     }
 }
 
+/// The metadata every index records about the model that encoded it.
+fn index_meta(embedder: &Embedder, identity: &ModelIdentity) -> IndexMeta {
+    let mut meta = IndexMeta::with_extra(identity.compat_map());
+    meta.extra.insert("model_spec".into(), json!(identity.spec));
+    meta.extra
+        .insert("model_id".into(), json!(embedder.model.id));
+    meta.extra.insert(
+        "templates".into(),
+        serde_json::to_value(&embedder.templates).expect("serialisable"),
+    );
+    meta.extra
+        .insert("max_doc_tokens".into(), json!(embedder.max_doc_tokens));
+    meta
+}
+
 impl Searcher {
+    /// Writes a new, empty index to `dir` for documents to be added later (`upsert`), e.g. by
+    /// the server. Refuses a directory that already holds an index.
+    pub fn create_empty(
+        embedder: Embedder,
+        identity: ModelIdentity,
+        dir: &Path,
+        kind: IndexKind,
+        hnsw: HnswParams,
+    ) -> Result<Searcher, SearchError> {
+        if search_r3_index::read_meta(dir).is_ok() {
+            return Err(SearchError::Other(format!(
+                "{}: already holds an index; open it instead",
+                dir.display()
+            )));
+        }
+        let index = AnyIndex::new(kind, embedder.dim(), hnsw)?;
+        let meta = index_meta(&embedder, &identity);
+        let mut s = Searcher {
+            embedder: Arc::new(embedder),
+            index,
+            docs: Vec::new(),
+            meta,
+            identity,
+            by_id: HashMap::new(),
+            dir: dir.to_path_buf(),
+        };
+        s.save()?;
+        Ok(s)
+    }
+
     /// Encodes `docs` and writes a new index to `out` (atomically replacing an index there).
     /// The encoding checkpoint lives beside `out` (`<out>.encode.ckpt`) so an interrupted
     /// build resumes, and is removed on success.
@@ -271,16 +318,7 @@ impl Searcher {
         let keys: Vec<DocKey> = (0..docs.len() as DocKey).collect();
         let flat: Vec<f32> = enc.vectors.iter().flatten().copied().collect();
         index.upsert_batch(&keys, &flat)?;
-        let mut meta = IndexMeta::with_extra(identity.compat_map());
-        meta.extra.insert("model_spec".into(), json!(identity.spec));
-        meta.extra
-            .insert("model_id".into(), json!(embedder.model.id));
-        meta.extra.insert(
-            "templates".into(),
-            serde_json::to_value(&embedder.templates).expect("serialisable"),
-        );
-        meta.extra
-            .insert("max_doc_tokens".into(), json!(embedder.max_doc_tokens));
+        let mut meta = index_meta(&embedder, &identity);
         meta.extra.insert(
             "corpus_fingerprint".into(),
             json!(corpus_fingerprint(&docs)),
@@ -293,7 +331,7 @@ impl Searcher {
             .map(|(i, d)| (d.id.clone(), i as DocKey))
             .collect();
         let mut s = Searcher {
-            embedder,
+            embedder: Arc::new(embedder),
             index,
             docs: docs.into_iter().map(Some).collect(),
             meta,
@@ -372,7 +410,7 @@ impl Searcher {
             )));
         }
         Ok(Searcher {
-            embedder,
+            embedder: Arc::new(embedder),
             index,
             docs,
             meta,
@@ -390,6 +428,11 @@ impl Searcher {
     /// Whether the index is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The directory the index is saved to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The identity the index was checked against.
@@ -418,22 +461,8 @@ impl Searcher {
         let mut out = Vec::with_capacity(embs.len());
         for (q, e) in queries.iter().zip(embs) {
             let t0 = std::time::Instant::now();
-            let hits = self.index.search(&e.vector, k)?;
+            let hits = self.hits(&e.vector, k)?;
             let search_s = t0.elapsed().as_secs_f64();
-            let hits = hits
-                .into_iter()
-                .enumerate()
-                .filter_map(|(r, h)| {
-                    let d = self.doc(h.key)?;
-                    Some(SearchHit {
-                        rank: r + 1,
-                        score: h.score,
-                        id: d.id.clone(),
-                        title: d.title.clone(),
-                        snippet: snippet(&d.text, 200),
-                    })
-                })
-                .collect();
             out.push(SearchResult {
                 query: q.to_string(),
                 mode,
@@ -445,6 +474,26 @@ impl Searcher {
         Ok(out)
     }
 
+    /// The top `k` documents for a query vector (the index lookup of [`Searcher::search`]).
+    pub fn hits(&self, vector: &[f32], k: usize) -> Result<Vec<SearchHit>, SearchError> {
+        Ok(self
+            .index
+            .search(vector, k)?
+            .into_iter()
+            .enumerate()
+            .filter_map(|(r, h)| {
+                let d = self.doc(h.key)?;
+                Some(SearchHit {
+                    rank: r + 1,
+                    score: h.score,
+                    id: d.id.clone(),
+                    title: d.title.clone(),
+                    snippet: snippet(&d.text, 200),
+                })
+            })
+            .collect())
+    }
+
     /// Adds or replaces documents (by id) and persists the index atomically.
     pub fn upsert(
         &mut self,
@@ -453,7 +502,34 @@ impl Searcher {
     ) -> Result<usize, SearchError> {
         let texts: Vec<String> = docs.iter().map(Document::full_text).collect();
         let enc = encode_documents(&self.embedder, &texts, opts, &AtomicBool::new(false))?;
-        for (d, v) in docs.into_iter().zip(enc.vectors) {
+        self.upsert_vectors(docs, &enc.vectors)?;
+        self.save()?;
+        Ok(enc.truncated)
+    }
+
+    /// Adds or replaces documents (by id) with vectors the caller encoded (with this
+    /// searcher's embedder); in memory only until [`Searcher::save`]. All vectors are checked
+    /// before anything changes, so a bad one leaves the index as it was.
+    pub fn upsert_vectors(
+        &mut self,
+        docs: Vec<Document>,
+        vectors: &[Vec<f32>],
+    ) -> Result<(), SearchError> {
+        if docs.len() != vectors.len() {
+            return Err(SearchError::Other(format!(
+                "{} documents but {} vectors",
+                docs.len(),
+                vectors.len()
+            )));
+        }
+        if let Some(v) = vectors.iter().find(|v| v.len() != self.index.dim()) {
+            return Err(SearchError::Other(format!(
+                "vector of width {} for an index of width {}",
+                v.len(),
+                self.index.dim()
+            )));
+        }
+        for (d, v) in docs.into_iter().zip(vectors) {
             let key = match self.by_id.get(&d.id) {
                 Some(&k) => k,
                 None => {
@@ -461,16 +537,23 @@ impl Searcher {
                     (self.docs.len() - 1) as DocKey
                 }
             };
-            self.index.upsert(key, &v)?;
+            self.index.upsert(key, v)?;
             self.by_id.insert(d.id.clone(), key);
             self.docs[key as usize] = Some(d);
         }
-        self.save()?;
-        Ok(enc.truncated)
+        Ok(())
     }
 
     /// Deletes documents by id, persists, and returns the ids that were not present.
     pub fn delete(&mut self, ids: &[String]) -> Result<Vec<String>, SearchError> {
+        let missing = self.remove(ids)?;
+        self.save()?;
+        Ok(missing)
+    }
+
+    /// Deletes documents by id in memory only (until [`Searcher::save`]); returns the ids
+    /// that were not present.
+    pub fn remove(&mut self, ids: &[String]) -> Result<Vec<String>, SearchError> {
         let mut missing = Vec::new();
         for id in ids {
             match self.by_id.remove(id) {
@@ -481,7 +564,6 @@ impl Searcher {
                 None => missing.push(id.clone()),
             }
         }
-        self.save()?;
         Ok(missing)
     }
 
