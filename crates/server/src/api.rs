@@ -1,0 +1,372 @@
+//! Request and response bodies: TEI's `/embed`, `/tokenize`, `/info`; OpenAI's
+//! `/v1/embeddings`; and our `/search` and `/index/*`.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// One text or a list of texts.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Inputs {
+    /// A single text.
+    One(String),
+    /// Several texts, answered in order.
+    Many(Vec<String>),
+}
+
+impl Inputs {
+    /// The texts as a list.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Inputs::One(s) => vec![s],
+            Inputs::Many(v) => v,
+        }
+    }
+}
+
+/// Which prompt wraps a text before it is embedded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptName {
+    /// The document prompt (what the index stores).
+    #[default]
+    Document,
+    /// The direct query prompt (what `/search` with `"reason": false` embeds).
+    Query,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /embed` (TEI).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct EmbedRequest {
+    /// Text(s) to embed.
+    pub inputs: Inputs,
+    /// L2-normalise the vectors (default true).
+    #[serde(default = "yes")]
+    pub normalize: bool,
+    /// Cut inputs longer than the token limit instead of answering 413 (default: the
+    /// server's `--auto-truncate`).
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    /// `document` (default) or `query`.
+    #[serde(default)]
+    pub prompt_name: PromptName,
+}
+
+/// OpenAI `input`: text(s) or token ids of text(s).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum OpenAiInput {
+    /// A single text.
+    One(String),
+    /// Several texts.
+    Many(Vec<String>),
+    /// The token ids of one text.
+    Tokens(Vec<u32>),
+    /// The token ids of several texts.
+    ManyTokens(Vec<Vec<u32>>),
+}
+
+/// `float` (default) or `base64` (little-endian f32 bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodingFormat {
+    /// JSON numbers.
+    #[default]
+    Float,
+    /// Base64 of the little-endian f32 bytes.
+    Base64,
+}
+
+/// `POST /v1/embeddings` (OpenAI).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct OpenAiRequest {
+    /// Text(s) or token ids.
+    pub input: OpenAiInput,
+    /// Echoed back; any value is accepted (the server runs one model).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// `float` or `base64`.
+    #[serde(default)]
+    pub encoding_format: EncodingFormat,
+    /// Must equal the model's width when given (the vectors cannot be shortened).
+    #[serde(default)]
+    pub dimensions: Option<usize>,
+    /// Ignored (OpenAI's end-user id).
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// A vector as floats or base64.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum EmbeddingData {
+    /// JSON numbers.
+    Float(Vec<f32>),
+    /// Base64 of the little-endian f32 bytes.
+    Base64(String),
+}
+
+/// One vector of an OpenAI answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OpenAiEmbedding {
+    /// Always `embedding`.
+    pub object: &'static str,
+    /// The vector.
+    pub embedding: EmbeddingData,
+    /// Position in the request.
+    pub index: usize,
+}
+
+/// Token counts of an OpenAI answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Usage {
+    /// Input text tokens.
+    pub prompt_tokens: usize,
+    /// Same as `prompt_tokens` (nothing is generated).
+    pub total_tokens: usize,
+}
+
+/// `POST /v1/embeddings` answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OpenAiResponse {
+    /// Always `list`.
+    pub object: &'static str,
+    /// One entry per input.
+    pub data: Vec<OpenAiEmbedding>,
+    /// The served model.
+    pub model: String,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// `POST /tokenize` (TEI).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct TokenizeRequest {
+    /// Text(s) to tokenize.
+    pub inputs: Inputs,
+    /// Add the tokenizer's special tokens (SmolLM2 and Qwen2 add none; prompts are built by
+    /// the chat template).
+    #[serde(default = "yes")]
+    pub add_special_tokens: bool,
+}
+
+/// One token of `/tokenize`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SimpleToken {
+    /// Token id.
+    pub id: u32,
+    /// The covered input text (the token's own text when it has no span).
+    pub text: String,
+    /// Whether it is a special token.
+    pub special: bool,
+    /// Start byte offset in the input (absent for tokens with no span).
+    pub start: Option<usize>,
+    /// End byte offset in the input.
+    pub stop: Option<usize>,
+}
+
+/// `POST /search`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct SearchRequest {
+    /// The query text.
+    pub query: String,
+    /// Hits to return (default 10).
+    #[serde(default = "ten")]
+    pub k: usize,
+    /// Let the model reason about the query before it embeds it (default false).
+    #[serde(default)]
+    pub reason: bool,
+    /// Cut a query over the token limit instead of answering 413.
+    #[serde(default)]
+    pub truncate: Option<bool>,
+}
+
+fn ten() -> usize {
+    10
+}
+
+/// One ranked document.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Hit {
+    /// 1-based rank.
+    pub rank: usize,
+    /// Document id.
+    pub id: String,
+    /// Cosine similarity.
+    pub score: f32,
+    /// Title (may be empty).
+    pub title: String,
+    /// The start of the text.
+    pub snippet: String,
+}
+
+/// Where a search's time went, in seconds.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SearchTimings {
+    /// Waiting for a model worker.
+    pub queue_s: f64,
+    /// The model's reasoning (0 without `reason`).
+    pub generation_s: f64,
+    /// The embedding forward pass (0 when the generation's own hidden state was used).
+    pub embedding_s: f64,
+    /// The index lookup.
+    pub search_s: f64,
+    /// The whole request.
+    pub total_s: f64,
+    /// Requests in the model batch this one ran in.
+    pub batch_requests: usize,
+}
+
+/// `POST /search` answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SearchResponse {
+    /// The query as received.
+    pub query: String,
+    /// `direct` or `reason`.
+    pub mode: String,
+    /// The model's analysis of the query (`reason` only).
+    pub reasoning: Option<String>,
+    /// True when the model stopped without writing the embed token and it was appended.
+    pub forced: bool,
+    /// Tokens the model generated.
+    pub generated_tokens: usize,
+    /// Ranked documents.
+    pub hits: Vec<Hit>,
+    /// Timings.
+    pub timings: SearchTimings,
+}
+
+/// A document to index.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct UpsertDocument {
+    /// Unique id; an existing document with this id is replaced.
+    pub id: String,
+    /// Title (optional).
+    #[serde(default)]
+    pub title: String,
+    /// Body text.
+    pub text: String,
+}
+
+/// `POST /index/upsert`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct UpsertRequest {
+    /// Documents to add or replace.
+    pub documents: Vec<UpsertDocument>,
+    /// Cut documents over the index's token limit (default true, as `search-r3 index` does);
+    /// false answers 413 instead.
+    #[serde(default)]
+    pub truncate: Option<bool>,
+}
+
+/// `POST /index/upsert` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UpsertResponse {
+    /// Documents written.
+    pub upserted: usize,
+    /// Of those, how many were cut to the token limit.
+    pub truncated: usize,
+    /// Live documents in the index now.
+    pub documents: usize,
+}
+
+/// `POST /index/delete`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct DeleteRequest {
+    /// Ids to delete.
+    pub ids: Vec<String>,
+}
+
+/// `POST /index/delete` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeleteResponse {
+    /// Documents deleted.
+    pub deleted: usize,
+    /// Ids that were not in the index.
+    pub missing: Vec<String>,
+    /// Live documents in the index now.
+    pub documents: usize,
+}
+
+/// TEI's `model_type`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelType {
+    /// Embedding model details.
+    pub embedding: Pooling,
+}
+
+/// How the vector is taken.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Pooling {
+    /// Always `embed_token`: the final hidden state at `<|embed_token|>`.
+    pub pooling: String,
+}
+
+/// The index the server searches.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct IndexInfo {
+    /// Directory.
+    pub path: String,
+    /// `hnsw` or `exact`.
+    pub kind: String,
+    /// Live documents.
+    pub documents: usize,
+}
+
+/// `GET /info`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Info {
+    /// The served model (what `--model` said).
+    pub model_id: String,
+    /// sha256 of the base model.
+    pub model_sha: String,
+    /// sha256 of the adapter, if any.
+    pub adapter_sha: Option<String>,
+    /// Weights' dtype.
+    pub model_dtype: String,
+    /// Pooling.
+    pub model_type: ModelType,
+    /// Vector width.
+    pub dimensions: usize,
+    /// Jobs queued before 429.
+    pub max_concurrent_requests: usize,
+    /// Token limit per input.
+    pub max_input_length: usize,
+    /// Prompt tokens per model batch.
+    pub max_batch_tokens: usize,
+    /// Padded tokens per forward pass.
+    pub max_forward_tokens: usize,
+    /// Requests per model batch.
+    pub max_batch_requests: usize,
+    /// Inputs per request.
+    pub max_client_batch_size: usize,
+    /// Request body limit in bytes.
+    pub payload_limit: usize,
+    /// Most hits `/search` returns.
+    pub max_k: usize,
+    /// Whether over-long inputs are cut by default.
+    pub auto_truncate: bool,
+    /// Whether queued requests share forward passes.
+    pub batching: bool,
+    /// Model worker threads.
+    pub workers: usize,
+    /// Reasoning budget in tokens.
+    pub max_reasoning_tokens: usize,
+    /// The index, when the server has one.
+    pub index: Option<IndexInfo>,
+    /// Server version.
+    pub version: String,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// Model workers running.
+    pub workers: usize,
+}

@@ -1,0 +1,419 @@
+//! `search-r3 serve`: a text-embeddings-inference- and OpenAI-compatible embedding server that
+//! also searches an index with the model's reasoning.
+//!
+//! A request's path: [`routes`] validates and tokenizes it → [`queue::Queue`] (bounded; full
+//! → 429) → a model worker thread batches it with other queued requests under a token budget
+//! and runs the forward pass or the reasoning → the handler looks the vector up in the index
+//! (`/search`) or writes it there (`/index/upsert`, persisted atomically before answering).
+//! Shutdown stops accepting, lets in-flight requests finish, drains the queue, joins the
+//! workers and flushes the index.
+
+pub mod api;
+pub mod error;
+pub mod load;
+pub mod metrics;
+pub mod queue;
+pub mod routes;
+
+use crate::api::{IndexInfo, Info, ModelType, Pooling};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::queue::{BatchConfig, Queue};
+use anyhow::Context;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use search_r3_core::searcher::{load_embedder, EmbedderOptions, ModelIdentity, Searcher};
+use search_r3_core::Embedder;
+use search_r3_index::{HnswParams, IndexKind};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+use utoipa::OpenApi;
+
+/// Server settings; the defaults are text-embeddings-inference's where it has one.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address to listen on (port 0 picks a free one).
+    pub addr: SocketAddr,
+    /// When set, every route but `/health` needs `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Jobs queued for the model before requests get 429.
+    pub max_concurrent_requests: usize,
+    /// Text tokens per input (longer: 413, or cut when truncating).
+    pub max_input_length: usize,
+    /// Prompt tokens per model batch.
+    pub max_batch_tokens: usize,
+    /// Padded tokens per forward pass: a batch runs as length-sorted passes of at most this
+    /// many. On CPU small passes are faster per token (cache-resident activations; 1–2k
+    /// measured best for SmolLM2, see docs/benchmarks.md).
+    pub forward_tokens: usize,
+    /// Requests per model batch.
+    pub max_batch_requests: usize,
+    /// Inputs (or documents) per request.
+    pub max_client_batch_size: usize,
+    /// Request body limit in bytes.
+    pub payload_limit: usize,
+    /// Most hits one search returns.
+    pub max_k: usize,
+    /// Cut over-long inputs instead of answering 413 unless a request says otherwise.
+    pub auto_truncate: bool,
+    /// Share forward passes between queued requests.
+    pub batching: bool,
+    /// Model worker threads.
+    pub workers: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            api_key: None,
+            max_concurrent_requests: 512,
+            max_input_length: 512,
+            max_batch_tokens: 16384,
+            forward_tokens: 2048,
+            max_batch_requests: 64,
+            max_client_batch_size: 32,
+            payload_limit: 2_000_000,
+            max_k: 1000,
+            auto_truncate: false,
+            batching: true,
+            workers: 1,
+        }
+    }
+}
+
+/// What the server runs: the embedder, its identity and, optionally, an index.
+pub struct Backend {
+    /// The embedder when there is no index (an index holds its own).
+    embedder: Option<Arc<Embedder>>,
+    identity: ModelIdentity,
+    index: Option<Searcher>,
+}
+
+impl Backend {
+    /// Loads `model` (+ adapter). With `index`, opens the index there (its model, adapter and
+    /// templates must match) or, when the directory holds none, creates an empty one to fill
+    /// through `/index/upsert`.
+    pub fn open(
+        model: &str,
+        opts: &EmbedderOptions,
+        index: Option<&Path>,
+    ) -> anyhow::Result<Backend> {
+        match index {
+            Some(dir) if search_r3_index::read_meta(dir).is_ok() => {
+                let s = Searcher::open(dir, Some(model), opts)
+                    .with_context(|| format!("opening the index in {}", dir.display()))?;
+                Ok(Backend {
+                    embedder: None,
+                    identity: s.identity().clone(),
+                    index: Some(s),
+                })
+            }
+            Some(dir) => {
+                let (e, identity) = load_embedder(model, opts)?;
+                let s = Searcher::create_empty(
+                    e,
+                    identity.clone(),
+                    dir,
+                    IndexKind::Hnsw,
+                    HnswParams::default(),
+                )
+                .with_context(|| format!("creating an index in {}", dir.display()))?;
+                Ok(Backend {
+                    embedder: None,
+                    identity,
+                    index: Some(s),
+                })
+            }
+            None => {
+                let (e, identity) = load_embedder(model, opts)?;
+                Ok(Backend {
+                    embedder: Some(Arc::new(e)),
+                    identity,
+                    index: None,
+                })
+            }
+        }
+    }
+
+    fn embedder_slot(&mut self) -> &mut Arc<Embedder> {
+        match (&mut self.index, &mut self.embedder) {
+            (Some(s), _) => &mut s.embedder,
+            (None, Some(e)) => e,
+            (None, None) => unreachable!("a backend has an index or its own embedder"),
+        }
+    }
+
+    /// The document token limit the embedder (or the index) uses.
+    pub fn max_doc_tokens(&mut self) -> usize {
+        self.embedder_slot().max_doc_tokens
+    }
+}
+
+/// Shared by every handler.
+pub struct AppState {
+    embedder: Arc<Embedder>,
+    index: Option<RwLock<Searcher>>,
+    queue: Queue,
+    opts: ServeOptions,
+    metrics: Arc<Metrics>,
+    info: Info,
+    /// Set when an index write reached memory but not disk (a failed save); shutdown retries.
+    dirty: AtomicBool,
+    closing: AtomicBool,
+}
+
+impl AppState {
+    /// Saves the index; on failure remembers to retry at shutdown.
+    fn persist(&self, s: &mut Searcher) -> Result<(), ApiError> {
+        self.metrics.index_documents.set(s.len() as i64);
+        match s.save() {
+            Ok(()) => {
+                self.dirty.store(false, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                self.dirty.store(true, Ordering::SeqCst);
+                Err(ApiError::backend(format!(
+                    "the index changed in memory but could not be saved: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// The OpenAPI description of every route.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "search-r3", description = "Search-R3 embeddings (TEI- and OpenAI-compatible) and search with the model's reasoning."),
+    paths(routes::embed, routes::openai_embeddings, routes::search, routes::upsert, routes::delete,
+          routes::tokenize, routes::info, routes::health, routes::metrics),
+    components(schemas(error::ErrorBody)),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let c = api.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document served at `/openapi.json`.
+pub fn openapi_doc() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &s.opts.api_key {
+        if req.uri().path() != "/health" {
+            let given = req
+                .headers()
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !given.is_some_and(|g| ct_eq(g.trim().as_bytes(), key.as_bytes())) {
+                return ApiError::unauthorized().into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+async fn observe(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    s.metrics
+        .latency
+        .with_label_values(&[&route])
+        .observe(t0.elapsed().as_secs_f64());
+    s.metrics
+        .requests
+        .with_label_values(&[&route, resp.status().as_str()])
+        .inc();
+    resp
+}
+
+/// A bound server, ready to [`Server::run`].
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    router: Router,
+}
+
+impl Server {
+    /// Starts the model workers and binds `opts.addr`.
+    pub async fn bind(mut backend: Backend, opts: ServeOptions) -> anyhow::Result<Server> {
+        let metrics = Arc::new(Metrics::new());
+        let slot = backend.embedder_slot();
+        if let Some(e) = Arc::get_mut(slot) {
+            e.batch_tokens = opts.forward_tokens.max(1);
+        }
+        let embedder = slot.clone();
+        let index = backend.index;
+        let queue = Queue::start(
+            embedder.clone(),
+            BatchConfig {
+                batching: opts.batching,
+                max_batch_tokens: opts.max_batch_tokens,
+                max_batch_requests: if opts.batching {
+                    opts.max_batch_requests.max(1)
+                } else {
+                    1
+                },
+                queue_capacity: opts.max_concurrent_requests,
+                workers: opts.workers,
+            },
+            metrics.clone(),
+        );
+        let id = &backend.identity;
+        let info = Info {
+            model_id: id.spec.clone(),
+            model_sha: id.sha256.clone(),
+            adapter_sha: id.adapter.clone(),
+            model_dtype: format!("{:?}", embedder.model.model.dtype()).to_lowercase(),
+            model_type: ModelType {
+                embedding: Pooling {
+                    pooling: "embed_token".into(),
+                },
+            },
+            dimensions: embedder.dim(),
+            max_concurrent_requests: opts.max_concurrent_requests,
+            max_input_length: opts.max_input_length,
+            max_batch_tokens: opts.max_batch_tokens,
+            max_forward_tokens: opts.forward_tokens,
+            max_batch_requests: opts.max_batch_requests,
+            max_client_batch_size: opts.max_client_batch_size,
+            payload_limit: opts.payload_limit,
+            max_k: opts.max_k,
+            auto_truncate: opts.auto_truncate,
+            batching: opts.batching,
+            workers: opts.workers.max(1),
+            max_reasoning_tokens: embedder.templates.reason.max_reasoning_tokens,
+            index: index.as_ref().map(|s| IndexInfo {
+                path: s.dir().display().to_string(),
+                kind: format!("{:?}", s.meta.kind).to_lowercase(),
+                documents: s.len(),
+            }),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        if let Some(s) = &index {
+            metrics.index_documents.set(s.len() as i64);
+        }
+        let state = Arc::new(AppState {
+            embedder,
+            index: index.map(RwLock::new),
+            queue,
+            opts: opts.clone(),
+            metrics,
+            info,
+            dirty: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+        });
+        let router = Router::new()
+            .route("/embed", post(routes::embed))
+            .route("/v1/embeddings", post(routes::openai_embeddings))
+            .route("/embeddings", post(routes::openai_embeddings))
+            .route("/search", post(routes::search))
+            .route("/index/upsert", post(routes::upsert))
+            .route("/index/delete", post(routes::delete))
+            .route("/tokenize", post(routes::tokenize))
+            .route("/info", get(routes::info))
+            .route("/health", get(routes::health))
+            .route("/metrics", get(routes::metrics))
+            .route("/openapi.json", get(routes::openapi))
+            .fallback(routes::not_found)
+            .layer(DefaultBodyLimit::max(opts.payload_limit))
+            .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+            // Outermost, so refused requests (401, 413, 429) are counted too.
+            .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind(opts.addr)
+            .await
+            .with_context(|| format!("binding {}", opts.addr))?;
+        Ok(Server {
+            listener,
+            state,
+            router,
+        })
+    }
+
+    /// The bound address (the real port when 0 was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound socket")
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests, drains the queue,
+    /// stops the workers and flushes the index.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let closing = self.state.clone();
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                closing.closing.store(true, Ordering::SeqCst);
+                tracing::info!("shutting down: finishing in-flight requests");
+            })
+            .await
+            .context("serving HTTP")?;
+        state.queue.shutdown().await;
+        if let Some(lock) = &state.index {
+            let mut s = lock.write().expect("index lock");
+            // Every write was saved before it was answered; only a failed save is left over.
+            if state.dirty.load(Ordering::SeqCst) {
+                s.save().context("flushing the index at shutdown")?;
+            }
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,352 @@
+//! The model side of the server: dedicated worker threads fed by one bounded queue.
+//!
+//! HTTP handlers tokenize, then hand a job to [`Queue`]; when the queue is full the job is
+//! refused at once (429) instead of piling up in memory. A worker takes the oldest job and,
+//! with batching on, every queued job of the same kind that still fits the batch limits
+//! (prompt tokens, requests) — text-embeddings-inference's dynamic batching — so concurrent
+//! requests share one forward pass. Reasoning jobs (generation) batch with each other.
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use search_r3_core::embedder::normalize;
+use search_r3_core::{Embedder, QueryEmbedding, QueryMode};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// How workers group jobs.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Group queued jobs into one forward pass (false: one request per pass).
+    pub batching: bool,
+    /// Most prompt tokens in one embedding batch (a single larger request still runs, alone).
+    pub max_batch_tokens: usize,
+    /// Most requests in one batch.
+    pub max_batch_requests: usize,
+    /// Jobs the queue holds before answering 429.
+    pub queue_capacity: usize,
+    /// Model worker threads.
+    pub workers: usize,
+}
+
+/// Where a job's time went.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct JobTiming {
+    /// Seconds waiting for a worker.
+    pub queue_s: f64,
+    /// Seconds of model work for the batch the job ran in.
+    pub inference_s: f64,
+    /// Requests in that batch.
+    pub batch_requests: usize,
+}
+
+type Reply<T> = oneshot::Sender<Result<(T, JobTiming), String>>;
+
+enum Task {
+    Embed {
+        prompts: Vec<Vec<u32>>,
+        normalize: bool,
+        reply: Reply<Vec<Vec<f32>>>,
+    },
+    Reason {
+        query: String,
+        reply: Reply<QueryEmbedding>,
+    },
+    Stop,
+}
+
+struct Job {
+    task: Task,
+    enqueued: Instant,
+    tokens: usize,
+}
+
+/// The bounded job queue and its worker threads.
+pub struct Queue {
+    tx: mpsc::Sender<Job>,
+    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    alive: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+    n_workers: usize,
+}
+
+impl Queue {
+    /// Starts `cfg.workers` threads that run `embedder`.
+    pub fn start(embedder: Arc<Embedder>, cfg: BatchConfig, metrics: Arc<Metrics>) -> Queue {
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        let alive = Arc::new(AtomicUsize::new(0));
+        let n = cfg.workers.max(1);
+        let workers = (0..n)
+            .map(|i| {
+                let (rx, emb, m, alive) =
+                    (rx.clone(), embedder.clone(), metrics.clone(), alive.clone());
+                alive.fetch_add(1, Ordering::SeqCst);
+                std::thread::Builder::new()
+                    .name(format!("model-worker-{i}"))
+                    .spawn(move || {
+                        worker(&rx, &emb, cfg, &m);
+                        alive.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .expect("spawning a model worker")
+            })
+            .collect();
+        Queue {
+            tx,
+            workers: Mutex::new(workers),
+            alive,
+            metrics,
+            n_workers: n,
+        }
+    }
+
+    /// Worker threads still running.
+    pub fn alive(&self) -> usize {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    fn submit(&self, task: Task, tokens: usize) -> Result<(), ApiError> {
+        let job = Job {
+            task,
+            enqueued: Instant::now(),
+            tokens,
+        };
+        // Counted before the send so a worker's decrement can never run first.
+        self.metrics.queue_depth.inc();
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.metrics.queue_depth.dec();
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => ApiError::overloaded(),
+                    mpsc::error::TrySendError::Closed(_) => {
+                        ApiError::unhealthy("the model workers have stopped")
+                    }
+                })
+            }
+        }
+    }
+
+    async fn wait<T>(
+        rx: oneshot::Receiver<Result<(T, JobTiming), String>>,
+    ) -> Result<(T, JobTiming), ApiError> {
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(msg)) => Err(ApiError::backend(msg)),
+            Err(_) => Err(ApiError::unhealthy(
+                "the model worker stopped before answering",
+            )),
+        }
+    }
+
+    /// Embeds prompts that end with the embed token (L2-normalised when `normalize`).
+    pub async fn embed(
+        &self,
+        prompts: Vec<Vec<u32>>,
+        normalize: bool,
+    ) -> Result<(Vec<Vec<f32>>, JobTiming), ApiError> {
+        let tokens = prompts.iter().map(Vec::len).sum();
+        let (reply, rx) = oneshot::channel();
+        self.submit(
+            Task::Embed {
+                prompts,
+                normalize,
+                reply,
+            },
+            tokens,
+        )?;
+        Self::wait(rx).await
+    }
+
+    /// Lets the model reason about `query`, then embeds it at the embed token.
+    pub async fn reason(&self, query: String) -> Result<(QueryEmbedding, JobTiming), ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Task::Reason { query, reply }, 0)?;
+        Self::wait(rx).await
+    }
+
+    /// Lets the workers finish every queued job, then stops and joins them. Call once no new
+    /// jobs can arrive (the HTTP side has shut down).
+    pub async fn shutdown(&self) {
+        for _ in 0..self.n_workers {
+            // Stop markers queue behind the real jobs, so those are answered first.
+            if self
+                .tx
+                .send(Job {
+                    task: Task::Stop,
+                    enqueued: Instant::now(),
+                    tokens: 0,
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+            self.metrics.queue_depth.inc();
+        }
+        let handles: Vec<_> = std::mem::take(&mut *self.workers.lock().expect("not poisoned"));
+        let _ = tokio::task::spawn_blocking(move || {
+            for h in handles {
+                let _ = h.join();
+            }
+        })
+        .await;
+    }
+}
+
+fn same_kind(a: &Task, b: &Task) -> bool {
+    matches!(
+        (a, b),
+        (Task::Embed { .. }, Task::Embed { .. }) | (Task::Reason { .. }, Task::Reason { .. })
+    )
+}
+
+fn worker(rx: &Mutex<mpsc::Receiver<Job>>, emb: &Embedder, cfg: BatchConfig, m: &Metrics) {
+    let mut carry: Option<Job> = None;
+    loop {
+        let first = match carry.take() {
+            Some(j) => j,
+            None => {
+                let got = rx.lock().expect("not poisoned").blocking_recv();
+                match got {
+                    Some(j) => {
+                        m.queue_depth.dec();
+                        j
+                    }
+                    None => return,
+                }
+            }
+        };
+        if matches!(first.task, Task::Stop) {
+            return;
+        }
+        let mut batch = vec![first];
+        if cfg.batching {
+            let max_requests = match batch[0].task {
+                Task::Reason { .. } => cfg.max_batch_requests.min(emb.reason_batch.max(1)),
+                _ => cfg.max_batch_requests,
+            };
+            let mut tokens = batch[0].tokens;
+            let mut rx = rx.lock().expect("not poisoned");
+            while batch.len() < max_requests {
+                let Ok(j) = rx.try_recv() else { break };
+                m.queue_depth.dec();
+                if !same_kind(&batch[0].task, &j.task) || tokens + j.tokens > cfg.max_batch_tokens {
+                    carry = Some(j);
+                    break;
+                }
+                tokens += j.tokens;
+                batch.push(j);
+            }
+        }
+        run_batch(batch, emb, m);
+    }
+}
+
+fn run_batch(batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
+    let started = Instant::now();
+    let n = batch.len();
+    m.batch_requests.observe(n as f64);
+    let queue_s: Vec<f64> = batch
+        .iter()
+        .map(|j| (started - j.enqueued).as_secs_f64())
+        .collect();
+    for q in &queue_s {
+        m.queue_time.observe(*q);
+    }
+    let timing = |i: usize| JobTiming {
+        queue_s: queue_s[i],
+        inference_s: started.elapsed().as_secs_f64(),
+        batch_requests: n,
+    };
+    if matches!(batch[0].task, Task::Embed { .. }) {
+        let all: Vec<Vec<u32>> = batch
+            .iter()
+            .flat_map(|j| match &j.task {
+                Task::Embed { prompts, .. } => prompts.clone(),
+                _ => unreachable!("batches hold one kind"),
+            })
+            .collect();
+        let tokens: usize = all.iter().map(Vec::len).sum();
+        m.batch_tokens.observe(tokens as f64);
+        // A panic in the model must fail these requests, not kill the worker.
+        let out = std::panic::catch_unwind(AssertUnwindSafe(|| emb.embed_prompts_raw(&all)));
+        m.inference_time
+            .with_label_values(&["embed"])
+            .observe(started.elapsed().as_secs_f64());
+        let mut vectors = match out {
+            Ok(Ok(v)) => {
+                m.tokens
+                    .with_label_values(&["prompt"])
+                    .inc_by(tokens as u64);
+                Ok(v.into_iter())
+            }
+            Ok(Err(e)) => Err(format!("embedding failed: {e}")),
+            Err(_) => Err("embedding failed: the model panicked".to_string()),
+        };
+        for (i, j) in batch.into_iter().enumerate() {
+            let Task::Embed {
+                prompts,
+                normalize: norm,
+                reply,
+            } = j.task
+            else {
+                unreachable!("batches hold one kind")
+            };
+            let answer = match &mut vectors {
+                Ok(it) => {
+                    let mine: Vec<Vec<f32>> = it.by_ref().take(prompts.len()).collect();
+                    let mine = if norm {
+                        mine.into_iter().map(normalize).collect()
+                    } else {
+                        mine
+                    };
+                    Ok((mine, timing(i)))
+                }
+                Err(msg) => Err(msg.clone()),
+            };
+            let _ = reply.send(answer);
+        }
+    } else {
+        let queries: Vec<String> = batch
+            .iter()
+            .map(|j| match &j.task {
+                Task::Reason { query, .. } => query.clone(),
+                _ => unreachable!("batches hold one kind"),
+            })
+            .collect();
+        let refs: Vec<&str> = queries.iter().map(String::as_str).collect();
+        let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            emb.embed_queries(&refs, QueryMode::Reason)
+        }));
+        m.inference_time
+            .with_label_values(&["reason"])
+            .observe(started.elapsed().as_secs_f64());
+        let mut results = match out {
+            Ok(Ok(v)) => {
+                let generated: usize = v.iter().map(|e| e.generated_tokens).sum();
+                m.tokens
+                    .with_label_values(&["generated"])
+                    .inc_by(generated as u64);
+                Ok(v.into_iter())
+            }
+            Ok(Err(e)) => Err(format!("reasoning failed: {e}")),
+            Err(_) => Err("reasoning failed: the model panicked".to_string()),
+        };
+        for (i, j) in batch.into_iter().enumerate() {
+            let Task::Reason { reply, .. } = j.task else {
+                unreachable!("batches hold one kind")
+            };
+            let answer = match &mut results {
+                Ok(it) => it
+                    .next()
+                    .map(|e| (e, timing(i)))
+                    .ok_or_else(|| "reasoning returned too few results".to_string()),
+                Err(msg) => Err(msg.clone()),
+            };
+            let _ = reply.send(answer);
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! The HTTP handlers. Each validates and tokenizes on the async side (cheap, and errors come
+//! back before a job is queued), hands model work to the [`Queue`](crate::queue::Queue), and
+//! touches the index on a blocking thread.
+
+use crate::api::*;
+use crate::error::{ApiError, ErrorBody};
+use crate::AppState;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use search_r3_core::corpus::Document;
+use search_r3_core::QueryEmbedding;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// `Json` whose rejections (bad JSON, wrong types, body over the limit) come back in our
+/// error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(r) => Err(ApiError::rejection(r.status(), r.body_text())),
+        }
+    }
+}
+
+type St = State<Arc<AppState>>;
+
+impl AppState {
+    /// Tokenizes inputs and wraps them in `prompt`, enforcing the request limits: at most
+    /// `max_client_batch_size` inputs (413), none empty (400), none over `max_input_length`
+    /// tokens unless truncating (413). Returns the prompts and the text-token count.
+    fn prompts(
+        &self,
+        texts: Vec<Vec<u32>>,
+        truncate: bool,
+        prompt: PromptName,
+        field: &str,
+    ) -> Result<(Vec<Vec<u32>>, usize), ApiError> {
+        let limit = self.opts.max_input_length;
+        let mut n_tokens = 0;
+        let mut out = Vec::with_capacity(texts.len());
+        for (i, mut body) in texts.into_iter().enumerate() {
+            if body.is_empty() {
+                return Err(ApiError::empty(format!("`{field}[{i}]` is empty")));
+            }
+            if body.len() > limit {
+                if !truncate {
+                    return Err(ApiError::too_large(format!(
+                        "`{field}[{i}]` has {} tokens, more than the limit of {limit}; shorten \
+                         it or send `\"truncate\": true`",
+                        body.len()
+                    )));
+                }
+                body.truncate(limit);
+            }
+            n_tokens += body.len();
+            out.push(match prompt {
+                PromptName::Document => self.embedder.document_prompt_ids(&body),
+                PromptName::Query => self.embedder.query_prompt_ids(&body),
+            });
+        }
+        Ok((out, n_tokens))
+    }
+
+    fn check_batch(&self, n: usize, field: &str) -> Result<(), ApiError> {
+        if n == 0 {
+            return Err(ApiError::empty(format!("`{field}` is empty")));
+        }
+        if n > self.opts.max_client_batch_size {
+            return Err(ApiError::too_large(format!(
+                "batch size {n} > maximum allowed batch size {} (`{field}`)",
+                self.opts.max_client_batch_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn tokenize_texts(&self, texts: &[String], field: &str) -> Result<Vec<Vec<u32>>, ApiError> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                self.embedder
+                    .model
+                    .tokenizer
+                    .encode(t)
+                    .map_err(|e| ApiError::tokenizer(format!("`{field}[{i}]`: {e}")))
+            })
+            .collect()
+    }
+
+    fn searcher(&self) -> Result<&std::sync::RwLock<search_r3_core::searcher::Searcher>, ApiError> {
+        self.index.as_ref().ok_or_else(|| {
+            ApiError::not_found("this server has no index: start it with `--index DIR`")
+        })
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::backend(format!("index task failed: {e}")))?
+}
+
+/// Embed text(s) as TEI does.
+#[utoipa::path(post, path = "/embed", request_body = EmbedRequest,
+    responses(
+        (status = 200, description = "One vector per input", body = Vec<Vec<f32>>),
+        (status = 400, description = "Empty input", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 413, description = "Too many inputs, an input over the token limit, or a body over the payload limit", body = ErrorBody),
+        (status = 422, description = "Malformed request or untokenizable text", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody),
+        (status = 503, description = "Model workers stopped", body = ErrorBody),
+    ))]
+pub async fn embed(
+    s: St,
+    ApiJson(req): ApiJson<EmbedRequest>,
+) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
+    let texts = req.inputs.into_vec();
+    s.check_batch(texts.len(), "inputs")?;
+    let ids = s.tokenize_texts(&texts, "inputs")?;
+    let truncate = req.truncate.unwrap_or(s.opts.auto_truncate);
+    let (prompts, _) = s.prompts(ids, truncate, req.prompt_name, "inputs")?;
+    let (vectors, _) = s.queue.embed(prompts, req.normalize).await?;
+    Ok(Json(vectors))
+}
+
+/// Embed text(s) or token ids as OpenAI's embeddings API does (float or base64).
+#[utoipa::path(post, path = "/v1/embeddings", request_body = OpenAiRequest,
+    responses(
+        (status = 200, description = "One vector per input", body = OpenAiResponse),
+        (status = 400, description = "Empty input", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 413, description = "Too many inputs or an input over the token limit", body = ErrorBody),
+        (status = 422, description = "Malformed request, token id out of range, or `dimensions` other than the model's", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody),
+    ))]
+pub async fn openai_embeddings(
+    s: St,
+    ApiJson(req): ApiJson<OpenAiRequest>,
+) -> Result<Json<OpenAiResponse>, ApiError> {
+    let dim = s.embedder.dim();
+    if let Some(d) = req.dimensions.filter(|d| *d != dim) {
+        return Err(ApiError::invalid(format!(
+            "`dimensions` is {d}, but this model's vectors have {dim} dimensions and cannot be \
+             shortened"
+        )));
+    }
+    let ids = match req.input {
+        OpenAiInput::One(t) => s.tokenize_texts(&[t], "input")?,
+        OpenAiInput::Many(ts) => {
+            s.check_batch(ts.len(), "input")?;
+            s.tokenize_texts(&ts, "input")?
+        }
+        OpenAiInput::Tokens(t) => vec![t],
+        OpenAiInput::ManyTokens(ts) => {
+            s.check_batch(ts.len(), "input")?;
+            ts
+        }
+    };
+    let vocab = s.embedder.model.tokenizer.vocab_size() as u32;
+    for (i, t) in ids.iter().enumerate() {
+        if let Some(bad) = t.iter().find(|&&id| id >= vocab) {
+            return Err(ApiError::invalid(format!(
+                "`input[{i}]`: token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+    }
+    let (prompts, n_tokens) =
+        s.prompts(ids, s.opts.auto_truncate, PromptName::Document, "input")?;
+    let (vectors, _) = s.queue.embed(prompts, true).await?;
+    let data = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, v)| OpenAiEmbedding {
+            object: "embedding",
+            embedding: match req.encoding_format {
+                EncodingFormat::Float => EmbeddingData::Float(v),
+                EncodingFormat::Base64 => EmbeddingData::Base64(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()),
+                ),
+            },
+            index,
+        })
+        .collect();
+    Ok(Json(OpenAiResponse {
+        object: "list",
+        data,
+        model: s.info.model_id.clone(),
+        usage: Usage {
+            prompt_tokens: n_tokens,
+            total_tokens: n_tokens,
+        },
+    }))
+}
+
+/// Search the index, optionally letting the model reason about the query first.
+#[utoipa::path(post, path = "/search", request_body = SearchRequest,
+    responses(
+        (status = 200, description = "Ranked hits, the reasoning trace and timings", body = SearchResponse),
+        (status = 400, description = "Empty query", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "The server has no index", body = ErrorBody),
+        (status = 413, description = "Query over the token limit", body = ErrorBody),
+        (status = 422, description = "Malformed request or `k` out of range", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody),
+    ))]
+pub async fn search(
+    s: St,
+    ApiJson(req): ApiJson<SearchRequest>,
+) -> Result<Json<SearchResponse>, ApiError> {
+    let t0 = Instant::now();
+    s.searcher()?;
+    if req.k == 0 || req.k > s.opts.max_k {
+        return Err(ApiError::invalid(format!(
+            "`k` is {}, expected 1..={}",
+            req.k, s.opts.max_k
+        )));
+    }
+    if req.query.trim().is_empty() {
+        return Err(ApiError::empty("`query` is empty"));
+    }
+    let ids = s.tokenize_texts(std::slice::from_ref(&req.query), "query")?;
+    let truncate = req.truncate.unwrap_or(s.opts.auto_truncate);
+    let (prompts, _) = s.prompts(ids.clone(), truncate, PromptName::Query, "query")?;
+    let (e, timing) = if req.reason {
+        // The reasoning prompt is built from text: a truncated query is decoded back.
+        let text = if ids[0].len() > s.opts.max_input_length {
+            s.embedder
+                .model
+                .tokenizer
+                .decode(&ids[0][..s.opts.max_input_length], false)
+                .map_err(|e| ApiError::tokenizer(format!("`query`: {e}")))?
+        } else {
+            req.query.clone()
+        };
+        s.queue.reason(text).await?
+    } else {
+        let (mut v, t) = s.queue.embed(prompts, true).await?;
+        let e = QueryEmbedding {
+            vector: v.remove(0),
+            reasoning: None,
+            forced: false,
+            generated_tokens: 0,
+            generation_s: 0.0,
+            embedding_s: t.inference_s,
+        };
+        (e, t)
+    };
+    let (k, state, vector) = (req.k, s.0.clone(), e.vector);
+    let (hits, search_s) = blocking(move || {
+        let t = Instant::now();
+        let guard = state.searcher()?.read().expect("index lock");
+        let hits = guard
+            .hits(&vector, k)
+            .map_err(|e| ApiError::backend(format!("index search failed: {e}")))?;
+        Ok((hits, t.elapsed().as_secs_f64()))
+    })
+    .await?;
+    Ok(Json(SearchResponse {
+        query: req.query,
+        mode: if req.reason { "reason" } else { "direct" }.into(),
+        reasoning: e.reasoning,
+        forced: e.forced,
+        generated_tokens: e.generated_tokens,
+        hits: hits
+            .into_iter()
+            .map(|h| Hit {
+                rank: h.rank,
+                id: h.id,
+                score: h.score,
+                title: h.title,
+                snippet: h.snippet,
+            })
+            .collect(),
+        timings: SearchTimings {
+            queue_s: timing.queue_s,
+            generation_s: e.generation_s,
+            embedding_s: e.embedding_s,
+            search_s,
+            total_s: t0.elapsed().as_secs_f64(),
+            batch_requests: timing.batch_requests,
+        },
+    }))
+}
+
+/// Add or replace documents; the index is persisted atomically before the answer.
+#[utoipa::path(post, path = "/index/upsert", request_body = UpsertRequest,
+    responses(
+        (status = 200, description = "Documents written and persisted", body = UpsertResponse),
+        (status = 400, description = "No documents, or an empty document", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "The server has no index", body = ErrorBody),
+        (status = 413, description = "Too many documents, or one over the token limit with `truncate: false`", body = ErrorBody),
+        (status = 422, description = "Malformed request, empty or repeated id", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody),
+    ))]
+pub async fn upsert(
+    s: St,
+    ApiJson(req): ApiJson<UpsertRequest>,
+) -> Result<Json<UpsertResponse>, ApiError> {
+    s.searcher()?;
+    s.check_batch(req.documents.len(), "documents")?;
+    let mut seen = std::collections::HashSet::new();
+    for (i, d) in req.documents.iter().enumerate() {
+        if d.id.trim().is_empty() {
+            return Err(ApiError::invalid(format!("`documents[{i}].id` is empty")));
+        }
+        if !seen.insert(d.id.as_str()) {
+            return Err(ApiError::invalid(format!(
+                "`documents[{i}].id` repeats `{}` within the request",
+                d.id
+            )));
+        }
+    }
+    let docs: Vec<Document> = req
+        .documents
+        .into_iter()
+        .map(|d| Document {
+            id: d.id,
+            title: d.title,
+            text: d.text,
+        })
+        .collect();
+    let texts: Vec<String> = docs.iter().map(Document::full_text).collect();
+    let ids = s.tokenize_texts(&texts, "documents")?;
+    let truncated = ids
+        .iter()
+        .filter(|t| t.len() > s.opts.max_input_length)
+        .count();
+    let (prompts, _) = s.prompts(
+        ids,
+        req.truncate.unwrap_or(true),
+        PromptName::Document,
+        "documents",
+    )?;
+    let (vectors, _) = s.queue.embed(prompts, true).await?;
+    let state = s.0.clone();
+    let upserted = docs.len();
+    let documents = blocking(move || {
+        let mut guard = state.searcher()?.write().expect("index lock");
+        guard
+            .upsert_vectors(docs, &vectors)
+            .map_err(|e| ApiError::backend(format!("index update failed: {e}")))?;
+        state.persist(&mut guard)?;
+        Ok(guard.len())
+    })
+    .await?;
+    Ok(Json(UpsertResponse {
+        upserted,
+        truncated,
+        documents,
+    }))
+}
+
+/// Delete documents by id; the index is persisted atomically before the answer.
+#[utoipa::path(post, path = "/index/delete", request_body = DeleteRequest,
+    responses(
+        (status = 200, description = "Documents deleted and persisted; unknown ids listed", body = DeleteResponse),
+        (status = 400, description = "No ids", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 404, description = "The server has no index", body = ErrorBody),
+        (status = 422, description = "Malformed request", body = ErrorBody),
+    ))]
+pub async fn delete(
+    s: St,
+    ApiJson(req): ApiJson<DeleteRequest>,
+) -> Result<Json<DeleteResponse>, ApiError> {
+    s.searcher()?;
+    if req.ids.is_empty() {
+        return Err(ApiError::empty("`ids` is empty"));
+    }
+    let state = s.0.clone();
+    let n = req.ids.len();
+    let (missing, documents) = blocking(move || {
+        let mut guard = state.searcher()?.write().expect("index lock");
+        let missing = guard
+            .remove(&req.ids)
+            .map_err(|e| ApiError::backend(format!("index update failed: {e}")))?;
+        if missing.len() < n {
+            state.persist(&mut guard)?;
+        }
+        Ok((missing, guard.len()))
+    })
+    .await?;
+    Ok(Json(DeleteResponse {
+        deleted: n - missing.len(),
+        missing,
+        documents,
+    }))
+}
+
+/// Token ids and spans, as TEI's `/tokenize`.
+#[utoipa::path(post, path = "/tokenize", request_body = TokenizeRequest,
+    responses(
+        (status = 200, description = "Tokens of each input", body = Vec<Vec<SimpleToken>>),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 413, description = "Too many inputs", body = ErrorBody),
+        (status = 422, description = "Malformed request or untokenizable text", body = ErrorBody),
+    ))]
+pub async fn tokenize(
+    s: St,
+    ApiJson(req): ApiJson<TokenizeRequest>,
+) -> Result<Json<Vec<Vec<SimpleToken>>>, ApiError> {
+    let texts = req.inputs.into_vec();
+    s.check_batch(texts.len(), "inputs")?;
+    let tok = s.embedder.model.tokenizer.inner();
+    let mut out = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let enc = tok
+            .encode(text.as_str(), req.add_special_tokens)
+            .map_err(|e| ApiError::tokenizer(format!("`inputs[{i}]`: {e}")))?;
+        let tokens = enc
+            .get_ids()
+            .iter()
+            .zip(enc.get_tokens())
+            .zip(enc.get_offsets())
+            .zip(enc.get_special_tokens_mask())
+            .map(|(((&id, token), &(start, stop)), &special)| {
+                let span = (start < stop).then(|| text.get(start..stop)).flatten();
+                SimpleToken {
+                    id,
+                    text: span.map_or_else(|| token.clone(), str::to_string),
+                    special: special == 1,
+                    start: span.map(|_| start),
+                    stop: span.map(|_| stop),
+                }
+            })
+            .collect();
+        out.push(tokens);
+    }
+    Ok(Json(out))
+}
+
+/// What the server runs and its limits.
+#[utoipa::path(get, path = "/info", responses((status = 200, body = Info)))]
+pub async fn info(s: St) -> Json<Info> {
+    let mut info = s.info.clone();
+    if let Some(i) = info.index.as_mut() {
+        // The gauge follows every saved write; reading it never waits for an index save.
+        i.documents = s.metrics.index_documents.get() as usize;
+    }
+    Json(info)
+}
+
+/// 200 while the model workers run, 503 otherwise. Needs no API key.
+#[utoipa::path(get, path = "/health",
+    responses((status = 200, body = Health), (status = 503, body = ErrorBody)))]
+pub async fn health(s: St) -> Result<Json<Health>, ApiError> {
+    let workers = s.queue.alive();
+    if workers == 0 || s.closing.load(Ordering::SeqCst) {
+        return Err(ApiError::unhealthy("the model workers are not running"));
+    }
+    Ok(Json(Health {
+        status: "ok".into(),
+        workers,
+    }))
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn metrics(s: St) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Unknown routes get the error shape too.
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; see /openapi.json")
+}
+
+/// The OpenAPI document.
+pub async fn openapi() -> Response {
+    (StatusCode::OK, Json(crate::openapi_doc())).into_response()
+}
