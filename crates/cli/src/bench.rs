@@ -19,7 +19,9 @@ pub struct BenchArgs {
     /// Timed repeats of the prefill shapes (median reported); generation and LoRA use half.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
-    /// Comma list of: prefill, gen, lora.
+    /// Comma list of: prefill, gen, lora, passes (embedding 160 prompts of 64–256 tokens in
+    /// length-sorted forward passes of 512 … 16384 padded tokens: the server's
+    /// `--max-forward-tokens`).
     #[arg(long, default_value = "prefill,gen,lora")]
     only: String,
     /// Also write the results as JSON here.
@@ -85,6 +87,28 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 Ok(())
             })?;
             put(name, (b * t) as f64 / s);
+        }
+    }
+    if only.contains(&"passes") {
+        let prompts: Vec<Vec<u32>> = (0..160)
+            .map(|_| {
+                let t = rng.random_range(64..=256);
+                random_ids(&mut rng, 1, t, vocab).remove(0)
+            })
+            .collect();
+        let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+        let tokens: usize = lengths.iter().sum();
+        for budget in [512, 1024, 2048, 4096, 16384] {
+            let plan = search_r3_core::encode::plan_batches(&lengths, budget);
+            let s = timed(long, || {
+                for rows in &plan {
+                    let b: Vec<Vec<u32>> = rows.iter().map(|&i| prompts[i].clone()).collect();
+                    m.model
+                        .forward(&Batch::left_padded(&b, 0)?, Path::Fast, None)?;
+                }
+                Ok(())
+            })?;
+            put(&format!("passes_{budget}_tok_s"), tokens as f64 / s);
         }
     }
     if only.contains(&"gen") {

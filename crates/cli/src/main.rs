@@ -9,6 +9,7 @@ mod mine;
 mod plot;
 mod retrieval;
 mod score;
+mod serve;
 mod train;
 
 use anyhow::{Context, Result};
@@ -67,6 +68,8 @@ enum Cmd {
     /// Train Search-R3 adapters (`train sft`: stage 1, contrastive SFT; `train rl`: stage 2, GRPO).
     #[command(subcommand)]
     Train(train::TrainCmd),
+    /// Serve embeddings (TEI- and OpenAI-compatible) and search with reasoning over HTTP.
+    Serve(serve::ServeArgs),
     /// Plot a training run's curves from its metrics.jsonl to a PNG (default: curves.png next
     /// to it).
     Plot(plot::PlotArgs),
@@ -97,6 +100,9 @@ enum BenchCmd {
     Model(bench::BenchArgs),
     /// HNSW recall@10 vs exact search, build time, search latency (random vectors or an index).
     Index(bench::IndexBenchArgs),
+    /// Load-test the HTTP server over loopback: concurrent clients mixing embed and search,
+    /// batching on vs off; p50/p99 latency, throughput, memory.
+    Serve(serve::BenchServeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -235,6 +241,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench(BenchCmd::Model(a)) => bench::run(&a)?,
         Cmd::Bench(BenchCmd::Index(a)) => bench::run_index(&a)?,
+        Cmd::Bench(BenchCmd::Serve(a)) => serve::bench_serve(&a)?,
+        Cmd::Serve(a) => serve::serve(&a)?,
         Cmd::Index(a) => retrieval::index(&a)?,
         Cmd::Search(a) => retrieval::search(&a)?,
         Cmd::Demo(a) => retrieval::demo(&a)?,

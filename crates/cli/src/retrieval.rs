@@ -32,6 +32,21 @@ impl EmbedArgs {
         self.adapter.as_deref()
     }
 
+    /// The same choices as command-line flags (for a child `search-r3` process).
+    pub(crate) fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut v = Vec::new();
+        for (flag, path) in [
+            ("--adapter", &self.adapter),
+            ("--templates", &self.templates),
+        ] {
+            if let Some(p) = path {
+                v.push(flag.into());
+                v.push(p.clone().into_os_string());
+            }
+        }
+        v
+    }
+
     pub(crate) fn options(&self, max_doc_tokens: Option<usize>) -> EmbedderOptions {
         EmbedderOptions {
             adapter: self.adapter.clone(),
@@ -304,9 +319,9 @@ pub fn search(a: &SearchArgs) -> Result<()> {
 }
 
 /// The bundled demo corpus (Python standard-library docstrings; see data/demo/SOURCE.md).
-const DEMO_CORPUS: &str = include_str!("../../../data/demo/python-docs.jsonl");
+pub(crate) const DEMO_CORPUS: &str = include_str!("../../../data/demo/python-docs.jsonl");
 
-const DEMO_QUERIES: &[&str] = &[
+pub(crate) const DEMO_QUERIES: &[&str] = &[
     "How do I read a CSV file row by row?",
     "run a shell command and capture its output",
     "compute the median of a list of numbers",
