@@ -46,6 +46,10 @@ pub struct LimitArgs {
     /// Model worker threads (each runs whole batches; the matmuls use every core already).
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Seconds shutdown waits for in-flight requests before dropping them (the queue is
+    /// drained and the index flushed either way).
+    #[arg(long, default_value_t = 60)]
+    shutdown_timeout: u64,
 }
 
 impl LimitArgs {
@@ -59,6 +63,7 @@ impl LimitArgs {
             ("--max-client-batch-size", self.max_client_batch_size),
             ("--payload-limit", self.payload_limit),
             ("--workers", self.workers),
+            ("--shutdown-timeout", self.shutdown_timeout as usize),
         ]
         .iter()
         .flat_map(|(k, n)| [k.to_string(), n.to_string()])
@@ -96,6 +101,7 @@ impl LimitArgs {
             auto_truncate: self.auto_truncate,
             batching: !self.no_batching,
             workers: self.workers,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             ..ServeOptions::default()
         }
     }
@@ -222,6 +228,8 @@ impl Child {
         let mut proc = std::process::Command::new(std::env::current_exe()?)
             .args(["serve", "--model", &a.model, "--port", "0", "--index"])
             .arg(index)
+            // The load clients send no key.
+            .env_remove("SEARCH_R3_API_KEY")
             .args(a.embed.to_args())
             .args(limits.to_args())
             .stdout(std::process::Stdio::null())
@@ -230,30 +238,39 @@ impl Child {
             .context("starting search-r3 serve")?;
         let stderr = proc.stderr.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
-        // Drained for the whole run so the server never blocks on a full pipe.
+        let tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = tail.clone();
+        // Drained for the whole run so the server never blocks on a full pipe; the last lines
+        // are kept to explain an early exit.
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
             {
-                match line.strip_prefix("search-r3 listening on ") {
-                    Some(addr) => {
-                        let _ = tx.send(Ok(addr.to_string()));
-                    }
-                    None if line.starts_with("error:") => {
-                        let _ = tx.send(Err(line));
-                    }
-                    None => {}
+                if let Some(addr) = line.strip_prefix("search-r3 listening on ") {
+                    let _ = tx.send(addr.to_string());
                 }
+                let mut t = sink.lock().expect("not poisoned");
+                t.push(line);
+                let excess = t.len().saturating_sub(20);
+                t.drain(..excess);
             }
         });
-        match rx.recv_timeout(Duration::from_secs(300)) {
-            Ok(Ok(base_url)) => Ok(Child { proc, base_url }),
-            Ok(Err(e)) => anyhow::bail!("search-r3 serve failed: {e}"),
-            Err(_) => {
-                let _ = proc.kill();
+        let started = rx.recv_timeout(Duration::from_secs(300));
+        let child = Child {
+            proc,
+            base_url: started.clone().unwrap_or_default(),
+        };
+        match started {
+            Ok(_) => Ok(child),
+            // Dropping `child` stops the process.
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 anyhow::bail!("search-r3 serve did not start within 300 s")
             }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!(
+                "search-r3 serve exited before listening:\n{}",
+                tail.lock().expect("not poisoned").join("\n")
+            ),
         }
     }
 
@@ -275,6 +292,16 @@ impl Child {
             "search-r3 serve exited with {status} after SIGTERM"
         );
         Ok(())
+    }
+}
+
+impl Drop for Child {
+    /// A bench that fails half-way must not leave a server running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.proc.try_wait() {
+            let _ = self.proc.kill();
+            let _ = self.proc.wait();
+        }
     }
 }
 

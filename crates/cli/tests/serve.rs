@@ -85,6 +85,16 @@ impl Served {
     }
 }
 
+impl Drop for Served {
+    /// A failed assertion must not leave a server running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Whether the `openai` package can be imported: always required in CI (.ci/run installs it).
 fn openai_available() -> bool {
     let ok = Command::new("python3")

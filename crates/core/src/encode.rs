@@ -95,9 +95,14 @@ pub fn plan_batches(lengths: &[usize], budget: usize) -> Vec<Vec<usize>> {
     batches
 }
 
+/// Version of [`plan_batches`]' packing rule: checkpoints store vectors per planned batch, so
+/// one written under another rule must not be resumed.
+const PLAN_VERSION: &[u8] = b"plan-v2: longest first, budget, 3/4 width";
+
 /// Identity of a job: a checkpoint from a different job must not be resumed.
 fn job_id(embedder: &Embedder, prompts: &[Vec<u32>], batch_tokens: usize) -> String {
     let mut h = Sha256::new();
+    h.update(PLAN_VERSION);
     h.update(embedder.model.id.as_bytes());
     h.update(embedder.template_hash().as_bytes());
     h.update(batch_tokens.to_le_bytes());

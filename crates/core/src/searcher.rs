@@ -275,7 +275,8 @@ impl Searcher {
         kind: IndexKind,
         hnsw: HnswParams,
     ) -> Result<Searcher, SearchError> {
-        if search_r3_index::read_meta(dir).is_ok() {
+        // Any manifest, readable or not: a damaged index must be repaired, not replaced.
+        if dir.join("index.json").exists() {
             return Err(SearchError::Other(format!(
                 "{}: already holds an index; open it instead",
                 dir.display()

@@ -35,9 +35,20 @@ pub enum PromptName {
     Query,
 }
 
-fn yes() -> bool {
-    true
+/// Which end of an over-long input is cut (TEI's `truncation_direction`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+pub enum TruncationDirection {
+    /// Keep the end.
+    #[serde(alias = "left")]
+    Left,
+    /// Keep the start (default).
+    #[default]
+    #[serde(alias = "right")]
+    Right,
 }
+
+// Optional fields are `Option`s so an explicit `null` means "the default", as clients that
+// serialise every field send it.
 
 /// `POST /embed` (TEI).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
@@ -45,15 +56,18 @@ pub struct EmbedRequest {
     /// Text(s) to embed.
     pub inputs: Inputs,
     /// L2-normalise the vectors (default true).
-    #[serde(default = "yes")]
-    pub normalize: bool,
+    #[serde(default)]
+    pub normalize: Option<bool>,
     /// Cut inputs longer than the token limit instead of answering 413 (default: the
     /// server's `--auto-truncate`).
     #[serde(default)]
     pub truncate: Option<bool>,
+    /// `Right` (default: keep the start) or `Left`.
+    #[serde(default)]
+    pub truncation_direction: Option<TruncationDirection>,
     /// `document` (default) or `query`.
     #[serde(default)]
-    pub prompt_name: PromptName,
+    pub prompt_name: Option<PromptName>,
 }
 
 /// OpenAI `input`: text(s) or token ids of text(s).
@@ -89,9 +103,9 @@ pub struct OpenAiRequest {
     /// Echoed back; any value is accepted (the server runs one model).
     #[serde(default)]
     pub model: Option<String>,
-    /// `float` or `base64`.
+    /// `float` (default) or `base64`.
     #[serde(default)]
-    pub encoding_format: EncodingFormat,
+    pub encoding_format: Option<EncodingFormat>,
     /// Must equal the model's width when given (the vectors cannot be shortened).
     #[serde(default)]
     pub dimensions: Option<usize>,
@@ -148,10 +162,10 @@ pub struct OpenAiResponse {
 pub struct TokenizeRequest {
     /// Text(s) to tokenize.
     pub inputs: Inputs,
-    /// Add the tokenizer's special tokens (SmolLM2 and Qwen2 add none; prompts are built by
-    /// the chat template).
-    #[serde(default = "yes")]
-    pub add_special_tokens: bool,
+    /// Add the tokenizer's special tokens (default true; SmolLM2 and Qwen2 add none, prompts
+    /// are built by the chat template).
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
 }
 
 /// One token of `/tokenize`.
@@ -163,10 +177,10 @@ pub struct SimpleToken {
     pub text: String,
     /// Whether it is a special token.
     pub special: bool,
-    /// Start byte offset in the input (absent for tokens with no span).
-    pub start: Option<usize>,
+    /// Start byte offset in the input (start = stop for tokens with no span).
+    pub start: usize,
     /// End byte offset in the input.
-    pub stop: Option<usize>,
+    pub stop: usize,
 }
 
 /// `POST /search`.
@@ -175,18 +189,14 @@ pub struct SearchRequest {
     /// The query text.
     pub query: String,
     /// Hits to return (default 10).
-    #[serde(default = "ten")]
-    pub k: usize,
+    #[serde(default)]
+    pub k: Option<usize>,
     /// Let the model reason about the query before it embeds it (default false).
     #[serde(default)]
-    pub reason: bool,
+    pub reason: Option<bool>,
     /// Cut a query over the token limit instead of answering 413.
     #[serde(default)]
     pub truncate: Option<bool>,
-}
-
-fn ten() -> usize {
-    10
 }
 
 /// One ranked document.

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 /// One error answer. `error_type` follows text-embeddings-inference (`validation` 413,
-/// `tokenizer` 422, `overloaded` 429, `unhealthy` 503, `empty` 400, `backend` 500) and adds
+/// `tokenizer` 422, `overloaded` 429, `unhealthy` 503, `empty` 400, `backend` 424) and adds
 /// `unauthorized` (401), `not_found` (404) and `invalid_request` (malformed JSON or a field
 /// out of range, 400/415/422).
 #[derive(Debug, Clone)]
@@ -85,9 +85,9 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    /// The model or the index failed: 500.
+    /// The model or the index failed: 424, as TEI answers backend failures.
     pub fn backend(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "backend", message)
+        Self::new(StatusCode::FAILED_DEPENDENCY, "backend", message)
     }
 
     /// A request axum could not parse (syntax 400, content type 415, fields 422, body over
@@ -108,7 +108,15 @@ impl IntoResponse for ApiError {
             error: self.message,
             error_type: self.error_type.to_string(),
         };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            // The queue drains in about a batch's time; a second is a fair first retry.
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        resp
     }
 }
 

@@ -28,6 +28,7 @@ use axum::Router;
 use search_r3_core::searcher::{load_embedder, EmbedderOptions, ModelIdentity, Searcher};
 use search_r3_core::Embedder;
 use search_r3_index::{HnswParams, IndexKind};
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,6 +67,9 @@ pub struct ServeOptions {
     pub batching: bool,
     /// Model worker threads.
     pub workers: usize,
+    /// How long shutdown waits for in-flight requests before it drops them (the queue is
+    /// drained and the index flushed either way).
+    pub shutdown_timeout: std::time::Duration,
 }
 
 impl Default for ServeOptions {
@@ -84,6 +88,7 @@ impl Default for ServeOptions {
             auto_truncate: false,
             batching: true,
             workers: 1,
+            shutdown_timeout: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -106,7 +111,9 @@ impl Backend {
         index: Option<&Path>,
     ) -> anyhow::Result<Backend> {
         match index {
-            Some(dir) if search_r3_index::read_meta(dir).is_ok() => {
+            // An index directory is opened, whatever state it is in (errors name it); only a
+            // missing or empty directory gets a new index.
+            Some(dir) if dir.join("index.json").exists() => {
                 let s = Searcher::open(dir, Some(model), opts)
                     .with_context(|| format!("opening the index in {}", dir.display()))?;
                 Ok(Backend {
@@ -230,7 +237,10 @@ async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Respo
                 .headers()
                 .get(axum::http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
+                // The scheme name is case-insensitive (RFC 9110).
+                .and_then(|v| v.split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, token)| token);
             if !given.is_some_and(|g| ct_eq(g.trim().as_bytes(), key.as_bytes())) {
                 return ApiError::unauthorized().into_response();
             }
@@ -375,24 +385,45 @@ impl Server {
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
         let closing = self.state.clone();
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                closing.closing.store(true, Ordering::SeqCst);
-                tracing::info!("shutting down: finishing in-flight requests");
-            })
-            .await
-            .context("serving HTTP")?;
+        let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
+        let mut http = tokio::spawn(
+            axum::serve(self.listener, self.router)
+                .with_graceful_shutdown(async move {
+                    shutdown.await;
+                    closing.closing.store(true, Ordering::SeqCst);
+                    tracing::info!("shutting down: finishing in-flight requests");
+                    let _ = signalled.send(());
+                })
+                .into_future(),
+        );
+        let grace = state.opts.shutdown_timeout;
+        let served = tokio::select! {
+            r = &mut http => r.context("the HTTP task failed").and_then(|r| r.context("serving HTTP")),
+            _ = async {
+                if on_signal.await.is_ok() {
+                    tokio::time::sleep(grace).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                tracing::warn!("in-flight requests still open after {grace:?}: dropping them");
+                http.abort();
+                Ok(())
+            }
+        };
+        // Whatever happened to HTTP, the queued jobs are finished and the index flushed.
         state.queue.shutdown().await;
         if let Some(lock) = &state.index {
-            let mut s = lock.write().expect("index lock");
+            let mut s = lock
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             // Every write was saved before it was answered; only a failed save is left over.
             if state.dirty.load(Ordering::SeqCst) {
                 s.save().context("flushing the index at shutdown")?;
             }
         }
         tracing::info!("stopped");
-        Ok(())
+        served
     }
 }
 

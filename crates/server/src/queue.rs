@@ -172,19 +172,16 @@ impl Queue {
     pub async fn shutdown(&self) {
         for _ in 0..self.n_workers {
             // Stop markers queue behind the real jobs, so those are answered first.
-            if self
-                .tx
-                .send(Job {
-                    task: Task::Stop,
-                    enqueued: Instant::now(),
-                    tokens: 0,
-                })
-                .await
-                .is_err()
-            {
+            self.metrics.queue_depth.inc();
+            let stop = Job {
+                task: Task::Stop,
+                enqueued: Instant::now(),
+                tokens: 0,
+            };
+            if self.tx.send(stop).await.is_err() {
+                self.metrics.queue_depth.dec();
                 break;
             }
-            self.metrics.queue_depth.inc();
         }
         let handles: Vec<_> = std::mem::take(&mut *self.workers.lock().expect("not poisoned"));
         let _ = tokio::task::spawn_blocking(move || {
@@ -204,21 +201,17 @@ fn same_kind(a: &Task, b: &Task) -> bool {
 }
 
 fn worker(rx: &Mutex<mpsc::Receiver<Job>>, emb: &Embedder, cfg: BatchConfig, m: &Metrics) {
+    // A job taken out of the channel that did not fit the batch; it still counts as queued.
     let mut carry: Option<Job> = None;
     loop {
         let first = match carry.take() {
             Some(j) => j,
-            None => {
-                let got = rx.lock().expect("not poisoned").blocking_recv();
-                match got {
-                    Some(j) => {
-                        m.queue_depth.dec();
-                        j
-                    }
-                    None => return,
-                }
-            }
+            None => match rx.lock().expect("not poisoned").blocking_recv() {
+                Some(j) => j,
+                None => return,
+            },
         };
+        m.queue_depth.dec();
         if matches!(first.task, Task::Stop) {
             return;
         }
@@ -232,11 +225,11 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, emb: &Embedder, cfg: BatchConfig, m: 
             let mut rx = rx.lock().expect("not poisoned");
             while batch.len() < max_requests {
                 let Ok(j) = rx.try_recv() else { break };
-                m.queue_depth.dec();
                 if !same_kind(&batch[0].task, &j.task) || tokens + j.tokens > cfg.max_batch_tokens {
                     carry = Some(j);
                     break;
                 }
+                m.queue_depth.dec();
                 tokens += j.tokens;
                 batch.push(j);
             }
@@ -245,7 +238,20 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, emb: &Embedder, cfg: BatchConfig, m: 
     }
 }
 
-fn run_batch(batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
+fn reply_closed(j: &Job) -> bool {
+    match &j.task {
+        Task::Embed { reply, .. } => reply.is_closed(),
+        Task::Reason { reply, .. } => reply.is_closed(),
+        Task::Stop => false,
+    }
+}
+
+fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
+    // A client that went away (timeout, disconnect) no longer needs its job run.
+    batch.retain(|j| !reply_closed(j));
+    if batch.is_empty() {
+        return;
+    }
     let started = Instant::now();
     let n = batch.len();
     m.batch_requests.observe(n as f64);

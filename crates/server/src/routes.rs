@@ -11,9 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use search_r3_core::corpus::Document;
+use search_r3_core::searcher::Searcher;
 use search_r3_core::QueryEmbedding;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 /// `Json` whose rejections (bad JSON, wrong types, body over the limit) come back in our
@@ -33,18 +34,48 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
 
 type St = State<Arc<AppState>>;
 
+/// How over-long inputs are handled.
+#[derive(Clone, Copy)]
+struct Cut {
+    limit: usize,
+    truncate: bool,
+    direction: TruncationDirection,
+}
+
 impl AppState {
-    /// Tokenizes inputs and wraps them in `prompt`, enforcing the request limits: at most
-    /// `max_client_batch_size` inputs (413), none empty (400), none over `max_input_length`
-    /// tokens unless truncating (413). Returns the prompts and the text-token count.
+    /// The request-level rule: `--max-input-length`, truncating when asked (or by default
+    /// with `--auto-truncate`).
+    fn cut(&self, truncate: Option<bool>, direction: Option<TruncationDirection>) -> Cut {
+        Cut {
+            limit: self.opts.max_input_length,
+            truncate: truncate.unwrap_or(self.opts.auto_truncate),
+            direction: direction.unwrap_or_default(),
+        }
+    }
+}
+
+/// The index lock, usable after a panic elsewhere held it: every index write is checked before
+/// it changes anything, so the state behind a poisoned lock is still consistent.
+fn read(l: &RwLock<Searcher>) -> RwLockReadGuard<'_, Searcher> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write(l: &RwLock<Searcher>) -> RwLockWriteGuard<'_, Searcher> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl AppState {
+    /// Wraps tokenized inputs in `prompt`, enforcing the request limits: none empty (400), none
+    /// over `cut.limit` tokens unless truncating (413). Returns the prompts and the text-token
+    /// count.
     fn prompts(
         &self,
         texts: Vec<Vec<u32>>,
-        truncate: bool,
+        cut: Cut,
         prompt: PromptName,
         field: &str,
     ) -> Result<(Vec<Vec<u32>>, usize), ApiError> {
-        let limit = self.opts.max_input_length;
+        let limit = cut.limit;
         let mut n_tokens = 0;
         let mut out = Vec::with_capacity(texts.len());
         for (i, mut body) in texts.into_iter().enumerate() {
@@ -52,14 +83,19 @@ impl AppState {
                 return Err(ApiError::empty(format!("`{field}[{i}]` is empty")));
             }
             if body.len() > limit {
-                if !truncate {
+                if !cut.truncate {
                     return Err(ApiError::too_large(format!(
                         "`{field}[{i}]` has {} tokens, more than the limit of {limit}; shorten \
                          it or send `\"truncate\": true`",
                         body.len()
                     )));
                 }
-                body.truncate(limit);
+                match cut.direction {
+                    TruncationDirection::Right => body.truncate(limit),
+                    TruncationDirection::Left => {
+                        body.drain(..body.len() - limit);
+                    }
+                }
             }
             n_tokens += body.len();
             out.push(match prompt {
@@ -97,7 +133,7 @@ impl AppState {
             .collect()
     }
 
-    fn searcher(&self) -> Result<&std::sync::RwLock<search_r3_core::searcher::Searcher>, ApiError> {
+    fn searcher(&self) -> Result<&RwLock<Searcher>, ApiError> {
         self.index.as_ref().ok_or_else(|| {
             ApiError::not_found("this server has no index: start it with `--index DIR`")
         })
@@ -130,9 +166,12 @@ pub async fn embed(
     let texts = req.inputs.into_vec();
     s.check_batch(texts.len(), "inputs")?;
     let ids = s.tokenize_texts(&texts, "inputs")?;
-    let truncate = req.truncate.unwrap_or(s.opts.auto_truncate);
-    let (prompts, _) = s.prompts(ids, truncate, req.prompt_name, "inputs")?;
-    let (vectors, _) = s.queue.embed(prompts, req.normalize).await?;
+    let cut = s.cut(req.truncate, req.truncation_direction);
+    let (prompts, _) = s.prompts(ids, cut, req.prompt_name.unwrap_or_default(), "inputs")?;
+    let (vectors, _) = s
+        .queue
+        .embed(prompts, req.normalize.unwrap_or(true))
+        .await?;
     Ok(Json(vectors))
 }
 
@@ -177,15 +216,14 @@ pub async fn openai_embeddings(
             )));
         }
     }
-    let (prompts, n_tokens) =
-        s.prompts(ids, s.opts.auto_truncate, PromptName::Document, "input")?;
+    let (prompts, n_tokens) = s.prompts(ids, s.cut(None, None), PromptName::Document, "input")?;
     let (vectors, _) = s.queue.embed(prompts, true).await?;
     let data = vectors
         .into_iter()
         .enumerate()
         .map(|(index, v)| OpenAiEmbedding {
             object: "embedding",
-            embedding: match req.encoding_format {
+            embedding: match req.encoding_format.unwrap_or_default() {
                 EncodingFormat::Float => EmbeddingData::Float(v),
                 EncodingFormat::Base64 => EmbeddingData::Base64(
                     base64::engine::general_purpose::STANDARD
@@ -223,19 +261,25 @@ pub async fn search(
 ) -> Result<Json<SearchResponse>, ApiError> {
     let t0 = Instant::now();
     s.searcher()?;
-    if req.k == 0 || req.k > s.opts.max_k {
+    let k = req.k.unwrap_or(10);
+    let reason = req.reason.unwrap_or(false);
+    if k == 0 || k > s.opts.max_k {
         return Err(ApiError::invalid(format!(
-            "`k` is {}, expected 1..={}",
-            req.k, s.opts.max_k
+            "`k` is {k}, expected 1..={}",
+            s.opts.max_k
         )));
     }
     if req.query.trim().is_empty() {
         return Err(ApiError::empty("`query` is empty"));
     }
     let ids = s.tokenize_texts(std::slice::from_ref(&req.query), "query")?;
-    let truncate = req.truncate.unwrap_or(s.opts.auto_truncate);
-    let (prompts, _) = s.prompts(ids.clone(), truncate, PromptName::Query, "query")?;
-    let (e, timing) = if req.reason {
+    let (prompts, _) = s.prompts(
+        ids.clone(),
+        s.cut(req.truncate, None),
+        PromptName::Query,
+        "query",
+    )?;
+    let (e, timing) = if reason {
         // The reasoning prompt is built from text: a truncated query is decoded back.
         let text = if ids[0].len() > s.opts.max_input_length {
             s.embedder
@@ -259,10 +303,10 @@ pub async fn search(
         };
         (e, t)
     };
-    let (k, state, vector) = (req.k, s.0.clone(), e.vector);
+    let (state, vector) = (s.0.clone(), e.vector);
     let (hits, search_s) = blocking(move || {
         let t = Instant::now();
-        let guard = state.searcher()?.read().expect("index lock");
+        let guard = read(state.searcher()?);
         let hits = guard
             .hits(&vector, k)
             .map_err(|e| ApiError::backend(format!("index search failed: {e}")))?;
@@ -271,7 +315,7 @@ pub async fn search(
     .await?;
     Ok(Json(SearchResponse {
         query: req.query,
-        mode: if req.reason { "reason" } else { "direct" }.into(),
+        mode: if reason { "reason" } else { "direct" }.into(),
         reasoning: e.reasoning,
         forced: e.forced,
         generated_tokens: e.generated_tokens,
@@ -336,24 +380,23 @@ pub async fn upsert(
         .collect();
     let texts: Vec<String> = docs.iter().map(Document::full_text).collect();
     let ids = s.tokenize_texts(&texts, "documents")?;
-    let truncated = ids
-        .iter()
-        .filter(|t| t.len() > s.opts.max_input_length)
-        .count();
-    let (prompts, _) = s.prompts(
-        ids,
-        req.truncate.unwrap_or(true),
-        PromptName::Document,
-        "documents",
-    )?;
+    // Documents follow the index's own limit, as `search-r3 index` and `index add` do.
+    let cut = Cut {
+        limit: s.embedder.max_doc_tokens,
+        truncate: req.truncate.unwrap_or(true),
+        direction: TruncationDirection::Right,
+    };
+    let truncated = ids.iter().filter(|t| t.len() > cut.limit).count();
+    let (prompts, _) = s.prompts(ids, cut, PromptName::Document, "documents")?;
     let (vectors, _) = s.queue.embed(prompts, true).await?;
     let state = s.0.clone();
     let upserted = docs.len();
     let documents = blocking(move || {
-        let mut guard = state.searcher()?.write().expect("index lock");
-        guard
-            .upsert_vectors(docs, &vectors)
-            .map_err(|e| ApiError::backend(format!("index update failed: {e}")))?;
+        let mut guard = write(state.searcher()?);
+        guard.upsert_vectors(docs, &vectors).map_err(|e| {
+            state.dirty.store(true, Ordering::SeqCst);
+            ApiError::backend(format!("index update failed: {e}"))
+        })?;
         state.persist(&mut guard)?;
         Ok(guard.len())
     })
@@ -385,10 +428,11 @@ pub async fn delete(
     let state = s.0.clone();
     let n = req.ids.len();
     let (missing, documents) = blocking(move || {
-        let mut guard = state.searcher()?.write().expect("index lock");
-        let missing = guard
-            .remove(&req.ids)
-            .map_err(|e| ApiError::backend(format!("index update failed: {e}")))?;
+        let mut guard = write(state.searcher()?);
+        let missing = guard.remove(&req.ids).map_err(|e| {
+            state.dirty.store(true, Ordering::SeqCst);
+            ApiError::backend(format!("index update failed: {e}"))
+        })?;
         if missing.len() < n {
             state.persist(&mut guard)?;
         }
@@ -420,7 +464,7 @@ pub async fn tokenize(
     let mut out = Vec::with_capacity(texts.len());
     for (i, text) in texts.iter().enumerate() {
         let enc = tok
-            .encode(text.as_str(), req.add_special_tokens)
+            .encode(text.as_str(), req.add_special_tokens.unwrap_or(true))
             .map_err(|e| ApiError::tokenizer(format!("`inputs[{i}]`: {e}")))?;
         let tokens = enc
             .get_ids()
@@ -434,8 +478,8 @@ pub async fn tokenize(
                     id,
                     text: span.map_or_else(|| token.clone(), str::to_string),
                     special: special == 1,
-                    start: span.map(|_| start),
-                    stop: span.map(|_| stop),
+                    start,
+                    stop,
                 }
             })
             .collect();

@@ -207,6 +207,15 @@ async fn every_route_answers_and_the_index_persists() {
     for (a, b) in raw.iter().zip(&e[0]) {
         assert!((*a as f64 / n - *b as f64).abs() < 1e-5);
     }
+    // Explicit nulls mean the defaults (clients that serialise every field send them).
+    let (st, nulls) = s
+        .post(
+            "/embed",
+            json!({"inputs": texts, "normalize": null, "truncate": null, "prompt_name": null, "truncation_direction": null}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{nulls}");
+    assert!(floats(&nulls[0]) == e[0]);
     // A single string is a batch of one; the query prompt gives another vector.
     let (_, one) = s.post("/embed", json!({"inputs": "hello world"})).await;
     assert!(max_diff(&floats(&one[0]), &e[0]) < 1e-5);
@@ -442,6 +451,8 @@ async fn every_error_code() {
     )
     .await;
     let long = "word ".repeat(40);
+    // Documents follow the index's limit (512 tokens), not `max_input_length`.
+    let doc_long = "word ".repeat(600);
     // 400: empty.
     let (st, b) = s.post("/embed", json!({"inputs": []})).await;
     assert_error(st, &b, StatusCode::BAD_REQUEST, "empty");
@@ -471,7 +482,7 @@ async fn every_error_code() {
     let (st, b) = s
         .post(
             "/index/upsert",
-            json!({"documents": [{"id": "x", "text": long.clone()}], "truncate": false}),
+            json!({"documents": [{"id": "x", "text": doc_long.clone()}], "truncate": false}),
         )
         .await;
     assert_error(st, &b, StatusCode::PAYLOAD_TOO_LARGE, "validation");
@@ -479,18 +490,38 @@ async fn every_error_code() {
         .post("/embed", json!({"inputs": ["x".repeat(5000)]}))
         .await;
     assert_error(st, &b, StatusCode::PAYLOAD_TOO_LARGE, "validation");
-    // ... and truncation makes the long input acceptable.
-    let (st, b) = s
-        .post(
-            "/embed",
-            json!({"inputs": [long.clone()], "truncate": true}),
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{b}");
+    // ... and truncation makes the long input acceptable: keeping the first 16 tokens by
+    // default, the last 16 with `Left` (each word below is one token).
+    let long2 = format!("alpha{}{}", " alpha".repeat(19), " omega".repeat(20));
+    let mut cut = Vec::new();
+    for (dir, text) in [
+        ("Right", long2.clone()),
+        ("Left", long2),
+        ("Right", format!("alpha{}", " alpha".repeat(15))),
+        ("Right", " omega".repeat(16)),
+    ] {
+        let (st, b) = s
+            .post(
+                "/embed",
+                json!({"inputs": [text], "truncate": true, "truncation_direction": dir}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{b}");
+        cut.push(floats(&b[0]));
+    }
+    assert!(
+        max_diff(&cut[0], &cut[2]) < 1e-5,
+        "Right keeps the first 16 tokens"
+    );
+    assert!(
+        max_diff(&cut[1], &cut[3]) < 1e-5,
+        "Left keeps the last 16 tokens"
+    );
+    assert!(max_diff(&cut[0], &cut[1]) > 1e-3);
     let (st, b) = s
         .post(
             "/index/upsert",
-            json!({"documents": [{"id": "x", "text": long.clone()}]}),
+            json!({"documents": [{"id": "x", "text": doc_long.clone()}]}),
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{b}");
@@ -553,6 +584,16 @@ async fn every_error_code() {
     assert_error(st, &b, StatusCode::NOT_FOUND, "not_found");
     let (st, _) = s.post("/embed", json!({"inputs": "q"})).await;
     assert_eq!(st, StatusCode::OK);
+    // The scheme name is case-insensitive.
+    let resp = s
+        .http
+        .post(format!("{}/embed", s.base))
+        .header("authorization", "bearer sesame")
+        .json(&json!({"inputs": "q"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
     for key in [None, Some("wrong")] {
         let mut r = s
             .http
@@ -586,6 +627,27 @@ async fn every_error_code() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     s.stop().await;
+}
+
+/// Jobs the model workers have taken from the queue so far (each is timed once).
+async fn taken_before(s: &Running) -> usize {
+    let (_, m) = s.get("/metrics").await;
+    m.lines()
+        .find(|l| l.starts_with("search_r3_queue_duration_seconds_count"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Polls `/metrics` until `n` jobs have been taken by a worker.
+async fn wait_until_taken(s: &Running, n: usize) {
+    for _ in 0..1000 {
+        if taken_before(s).await >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no worker took job {n} within 10 s");
 }
 
 fn long_inputs(n: usize) -> Value {
@@ -622,16 +684,18 @@ async fn a_full_queue_answers_429_and_shutdown_finishes_in_flight_requests() {
                 .await
                 .unwrap();
             let st = r.status();
-            (st, r.json::<Value>().await.unwrap())
+            let retry = r.headers().get("retry-after").cloned();
+            (st, retry, r.json::<Value>().await.unwrap())
         }));
     }
     let (mut ok, mut overloaded) = (0, 0);
     for t in tasks {
-        let (st, b) = t.await.unwrap();
+        let (st, retry, b) = t.await.unwrap();
         match st {
             StatusCode::OK => ok += 1,
             StatusCode::TOO_MANY_REQUESTS => {
                 assert_eq!(b["error_type"], "overloaded");
+                assert_eq!(retry.unwrap(), "1");
                 overloaded += 1
             }
             other => panic!("unexpected {other}: {b}"),
@@ -655,20 +719,8 @@ async fn a_full_queue_answers_429_and_shutdown_finishes_in_flight_requests() {
         let st = r.status();
         (st, r.json::<Value>().await.unwrap())
     });
-    // Wait until the worker holds it: every job taken from the queue is timed once.
-    for _ in 0..500 {
-        let (_, m) = s.get("/metrics").await;
-        let taken = m
-            .lines()
-            .find(|l| l.starts_with("search_r3_queue_duration_seconds_count"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(0);
-        if taken > ok {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    // Wait until the worker holds it.
+    wait_until_taken(&s, ok + 1).await;
     let base = s.base.clone();
     s.stop().await;
     let (st, b) = slow.await.unwrap();
@@ -690,7 +742,7 @@ async fn batch_sizes_behind_a_slow_request(s: &Running, n: usize) -> Vec<u64> {
             .unwrap()
             .status()
     });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    wait_until_taken(s, taken_before(s).await + 1).await;
     let searches: Vec<_> = (0..n)
         .map(|i| {
             let (http, url) = (s.http.clone(), format!("{}/search", s.base));
