@@ -733,6 +733,7 @@ async fn a_full_queue_answers_429_and_shutdown_finishes_in_flight_requests() {
 /// Occupies the worker with a slow request, queues `n` searches behind it, and returns the
 /// batch size each search ran in.
 async fn batch_sizes_behind_a_slow_request(s: &Running, n: usize) -> Vec<u64> {
+    let before = taken_before(s).await;
     let (http, url) = (s.http.clone(), format!("{}/embed", s.base));
     let slow = tokio::spawn(async move {
         http.post(url)
@@ -742,7 +743,7 @@ async fn batch_sizes_behind_a_slow_request(s: &Running, n: usize) -> Vec<u64> {
             .unwrap()
             .status()
     });
-    wait_until_taken(s, taken_before(s).await + 1).await;
+    wait_until_taken(s, before + 1).await;
     let searches: Vec<_> = (0..n)
         .map(|i| {
             let (http, url) = (s.http.clone(), format!("{}/search", s.base));
