@@ -46,12 +46,16 @@ fn timed(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(median(ts))
 }
 
+/// A memory field of `/proc/PID/status` (`VmRSS:`, `VmHWM:`) in bytes (Linux only).
+pub(crate) fn proc_bytes(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
 /// Peak resident set size of this process (Linux `VmHWM`), in MiB.
 fn peak_rss_mb() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    Some(proc_bytes(std::process::id(), "VmHWM:")? as f64 / 1048576.0)
 }
 
 /// Random ids avoiding the first special ids, like bench/torch_bench.py.

@@ -1,6 +1,7 @@
 //! `search-r3 serve` (the HTTP server, crates/server) and `search-r3 bench serve` (its load
 //! test: concurrent clients over loopback, batching on vs off).
 
+use crate::bench::proc_bytes;
 use crate::retrieval::{EmbedArgs, DEMO_CORPUS, DEMO_QUERIES};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -393,13 +394,6 @@ async fn one_setting(a: &BenchServeArgs, batching: bool) -> Result<serde_json::V
         "rss_peak_bytes": rss_peak,
         "rss_every_5s_bytes": samples,
     }))
-}
-
-/// A memory field of `/proc/PID/status` (`VmRSS:`, `VmHWM:`) in bytes (Linux only).
-fn proc_bytes(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
 /// The server's own counters (from `/metrics`), as sample name → value.
