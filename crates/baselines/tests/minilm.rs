@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use search_r3_baselines::minilm::MINILM;
 use search_r3_baselines::SentenceEncoder;
 use search_r3_model::fetch::{self, FetchOptions};
 
@@ -18,10 +19,10 @@ const MAX_ABS_DIFF: f32 = 1e-6;
 const MIN_COSINE: f32 = 0.99999;
 
 fn model_dir() -> Option<PathBuf> {
-    match fetch::cached_path("minilm") {
+    match fetch::cached_known(&MINILM) {
         Some(p) => Some(p),
         None if std::env::var_os("CI").is_some() => Some(
-            fetch::fetch("minilm", &FetchOptions::default())
+            fetch::fetch_known(&MINILM, &FetchOptions::default())
                 .unwrap_or_else(|e| panic!("CI must be able to fetch `minilm`: {e}")),
         ),
         None => {

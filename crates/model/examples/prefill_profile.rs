@@ -6,7 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::path::PathBuf::from(&args[1]);
     let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (iters, b, t) = (arg(2, 20), arg(3, 1), arg(4, 142));
-    let m = search_r3_model::load::load_path(
+    let m = search_r3_model::load_path(
         &path,
         search_r3_model::fetch::ModelFormat::Gguf,
         &Default::default(),

@@ -2,28 +2,46 @@
 //! directories, tokenizes and renders chat templates, runs a fast and a differentiable forward
 //! pass over the same weights, carries LoRA adapters and the `<|embed_token|>` row, and
 //! generates with a KV cache.
+//!
+//! Every public name has one path. The front door is the crate root, which re-exports the main
+//! types of the private modules; the public modules are reached by their path.
+//!
+//! * `config` — hyper-parameters from GGUF metadata or `config.json` ([`ModelConfig`], [`Arch`]);
+//! * `error` — the runtime's one error type, naming the file at fault ([`Error`], [`Result`]);
+//! * [`fetch`] — known models fetched by name through pip into a verified, shared cache;
+//! * [`files`] — streamed sha256 and atomic file writes, shared by the crates above;
+//! * `generate` — batched generation with a KV cache ([`generate()`], [`GenerationConfig`]);
+//! * `load` — model + tokenizer from a GGUF file, HF directory or fetched name ([`load_model`]);
+//! * `lora` — LoRA adapters on the differentiable path ([`Lora`], [`LoraConfig`]);
+//! * [`merge`] — folding adapters into the base weights, exporting an HF checkpoint;
+//! * `model` — the decoder forward pass, fast and differentiable ([`Model`], [`Batch`]);
+//! * `ops` — ops candle lacks for training with frozen weights;
+//! * [`state`] — saving and restoring the trainable state (LoRA, `<|embed_token|>` rows);
+//! * `tokenizer` — tokenizer and chat template ([`TextTokenizer`], [`ChatMessage`]);
+//! * [`weights`] — the frozen base weights and their GGUF and safetensors readers.
 #![warn(missing_docs)]
 
-pub mod config;
-pub mod error;
+mod config;
+mod error;
 pub mod fetch;
-pub mod generate;
-pub mod load;
-pub mod lora;
+pub mod files;
+mod generate;
+mod load;
+mod lora;
 pub mod merge;
-pub mod model;
-pub mod ops;
+mod model;
+mod ops;
 pub mod state;
-pub mod tokenizer;
+mod tokenizer;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
 pub use generate::{generate, Generation, GenerationConfig, StopReason};
-pub use load::{load_model, LoadOptions, LoadedModel};
-pub use lora::{LoraConfig, LoraTarget};
-pub use model::{Batch, ForwardOptions, KvCache, Model, Path};
-pub use tokenizer::{ChatMessage, TextTokenizer, EMBED_TOKEN};
+pub use load::{known_model_for_tests, load_model, load_path, LoadOptions, LoadedModel};
+pub use lora::{Lora, LoraConfig, LoraTarget};
+pub use model::{Batch, EmbedTokenParams, ForwardOptions, ForwardOutput, KvCache, Model, Path};
+pub use tokenizer::{ChatMessage, TextTokenizer, CHATML_TEMPLATE, EMBED_TOKEN};
 
 /// SIMD features the matmul kernels can use (candle's gemm picks AVX-512 at run time because
 /// this crate links `gemm` with `x86-v4`).

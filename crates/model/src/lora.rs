@@ -107,7 +107,7 @@ impl LoraConfig {
 
 /// The two low-rank factors of one adapted projection.
 #[derive(Debug, Clone)]
-pub struct LoraPair {
+pub(crate) struct LoraPair {
     /// Down-projection `A`, `[r, in]`.
     pub a: Var,
     /// Up-projection `B`, `[out, r]`.
@@ -166,7 +166,7 @@ impl Lora {
     }
 
     /// The adapter on `target` in block `layer`, if any.
-    pub fn get(&self, layer: usize, target: LoraTarget) -> Option<&LoraPair> {
+    pub(crate) fn get(&self, layer: usize, target: LoraTarget) -> Option<&LoraPair> {
         self.layers.get(layer)?[target.index()].as_ref()
     }
 

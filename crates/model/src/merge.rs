@@ -16,7 +16,7 @@ use std::path::Path;
 
 /// Key in `config.json` that marks a checkpoint written by [`save_hf_dir`] and records where
 /// its trained `<|embed_token|>` row lives.
-pub const CONFIG_KEY: &str = "search_r3";
+pub(crate) const CONFIG_KEY: &str = "search_r3";
 
 /// `(α/r)·Aᵀ·Bᵀ`, the adapter's update of a transposed (`[in, out]`) weight.
 fn delta_t(p: &LoraPair, scale: f64) -> Result<Tensor> {
@@ -225,7 +225,7 @@ fn hf_config(model: &Model, tok: &TextTokenizer, extra: &serde_json::Value) -> s
 /// `dir`, which must not exist yet. Everything is written into a sibling temporary directory
 /// that is renamed into place last, so an interrupted export never leaves a half-written
 /// checkpoint under `dir`. `extra` (a JSON object) is recorded under `config.json`'s
-/// [`CONFIG_KEY`] (base model, adapter hash, …).
+/// `search_r3` key (base model, adapter hash, …).
 pub fn save_hf_dir(
     model: &Model,
     tok: &TextTokenizer,

@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 /// would get a full-size gradient (the whole model's worth of memory and a third of the
 /// backward FLOPs) that is then thrown away. When `x` is part of an autograd graph this op
 /// records a backward that returns only `∂L/∂x = g · w_tᵀ`.
-pub fn frozen_linear(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
+pub(crate) fn frozen_linear(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
     if !x.track_op() || !x.device().is_cpu() {
         return Ok(x.matmul(w_t)?);
     }

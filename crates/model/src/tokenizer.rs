@@ -318,7 +318,7 @@ impl TextTokenizer {
 }
 
 /// Renders a Jinja chat template as transformers' `apply_chat_template` would.
-pub fn render_chat_template(
+pub(crate) fn render_chat_template(
     template: &str,
     messages: &[ChatMessage],
     add_generation_prompt: bool,

@@ -319,7 +319,7 @@ pub fn open_gguf(path: &Path) -> Result<(std::fs::File, gguf_file::Content)> {
 }
 
 /// Loads the config and weights of a GGUF file, dequantized to `dtype`.
-pub fn load_gguf(
+pub(crate) fn load_gguf(
     path: &Path,
     dtype: DType,
     device: &Device,
@@ -413,7 +413,11 @@ fn safetensors_shards(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Loads `config.json` and the (possibly sharded) safetensors weights of an HF directory.
-pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<(ModelConfig, Weights)> {
+pub(crate) fn load_hf_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(ModelConfig, Weights)> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let json: serde_json::Value = serde_json::from_str(&text)

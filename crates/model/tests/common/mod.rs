@@ -1,4 +1,5 @@
-//! Shared helpers for tests that need the real models and the reference fixtures.
+//! Shared helpers for the model tests: real models and reference fixtures (here and in
+//! [`reference`]), and the tiny random models the `tiny_*` tests write ([`tiny`], [`tiny_run`]).
 #![allow(dead_code)]
 
 use search_r3_model::LoadedModel;
@@ -21,7 +22,7 @@ pub fn fixture(rel: &str) -> serde_json::Value {
 
 /// Loads a known model (fetched in CI, skipped locally when absent).
 pub fn real_model(name: &str) -> Option<LoadedModel> {
-    search_r3_model::load::known_model_for_tests(name)
+    search_r3_model::known_model_for_tests(name)
 }
 
 /// Max |a-b| over two equally long slices.
@@ -52,6 +53,8 @@ pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
 }
 
 pub mod reference;
+pub mod tiny;
+pub mod tiny_run;
 
 /// Max |a-b| over two tensors of the same shape.
 pub fn max_abs_diff_t(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
