@@ -125,19 +125,31 @@ pub fn normalize(v: &[f32]) -> Result<Vec<f32>> {
             v[i]
         )));
     }
-    // f64 accumulation: the norm of a 4096-d f32 vector loses digits in f32, and this runs
-    // once per upsert or query, so the cost does not matter.
-    let norm = v
-        .iter()
-        .map(|&x| (x as f64) * (x as f64))
-        .sum::<f64>()
-        .sqrt();
+    let norm = l2_norm(v);
     if norm == 0.0 || !norm.is_finite() {
         return Err(IndexError::InvalidVector(format!(
             "vector of {} values has norm {norm}",
             v.len()
         )));
     }
-    let inv = 1.0 / norm;
-    Ok(v.iter().map(|&x| ((x as f64) * inv) as f32).collect())
+    Ok(l2_normalize(v.to_vec()))
+}
+
+/// `v / ‖v‖`, the one L2 normalisation of the system (embedder, server, training, indexes); a
+/// zero vector stays zero. Use [`normalize`] where bad input must be refused.
+pub fn l2_normalize(mut v: Vec<f32>) -> Vec<f32> {
+    let n = l2_norm(&v);
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
+    }
+    v
+}
+
+/// Euclidean norm accumulated in f64: the norm of a 4096-d f32 vector loses digits in f32, and
+/// this runs once per vector, so the cost does not matter.
+fn l2_norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt()
 }
