@@ -3,7 +3,8 @@
 //! directly or after the model writes a bounded analysis (`reason` mode).
 
 use crate::templates::{prompt_parts, PromptParts, TemplateError, Templates};
-use search_r3_model::{generate, Batch, GenerationConfig, LoadedModel, Path, StopReason};
+use search_r3_index::l2_normalize;
+use search_r3_model::{generate, Batch, GenerationConfig, LoadedModel, Model, Path, StopReason};
 use std::time::Instant;
 
 /// Errors from embedding.
@@ -241,7 +242,7 @@ impl Embedder {
         Ok(self
             .embed_prompts_raw(prompts)?
             .into_iter()
-            .map(normalize)
+            .map(l2_normalize)
             .collect())
     }
 
@@ -256,22 +257,12 @@ impl Embedder {
                 .into());
             }
         }
-        let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
-        let mut out = vec![Vec::new(); prompts.len()];
-        for rows in crate::encode::plan_batches(&lengths, self.batch_tokens.max(1)) {
-            let batch: Vec<Vec<u32>> = rows.iter().map(|&i| prompts[i].clone()).collect();
-            for (i, v) in rows.into_iter().zip(self.embed_batch(&batch)?) {
-                out[i] = v;
-            }
-        }
-        Ok(out)
-    }
-
-    fn embed_batch(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let batch = Batch::left_padded(prompts, self.model.tokenizer.pad_id)?;
-        let h = self.model.model.forward(&batch, Path::Fast, None)?;
-        let last = h.narrow(1, batch.t - 1, 1)?.squeeze(1)?; // [b, d]
-        Ok(last.to_dtype(candle_core::DType::F32)?.to_vec2()?)
+        embed_at_token(
+            &self.model.model,
+            prompts,
+            self.model.tokenizer.pad_id,
+            self.batch_tokens,
+        )
     }
 
     /// Embeds document texts; returns the vectors and how many were truncated.
@@ -366,7 +357,7 @@ impl Embedder {
             }
             let reasoning = tok.decode(&body, true)?.trim().to_string();
             let vector = match (&g.hidden, forced) {
-                (Some(h), false) => normalize(h.to_dtype(candle_core::DType::F32)?.to_vec1()?),
+                (Some(h), false) => l2_normalize(h.to_dtype(candle_core::DType::F32)?.to_vec1()?),
                 _ => vec![],
             };
             out.push(QueryEmbedding {
@@ -391,23 +382,42 @@ impl Embedder {
     }
 }
 
+/// The final-norm hidden state at the last token of each prompt (its `<|embed_token|>`), on
+/// the fast (no-graph) path, unnormalised. This is the one function every embedding in the
+/// system comes from — indexing, evaluation, serving and the RL environment — so a document's
+/// vector is the same wherever it is computed.
+///
+/// Prompts run in left-padded batches of at most `budget` padded tokens, planned by
+/// [`crate::encode::plan_batches`] (longest first); padding is masked exactly, so a row does not
+/// depend on what else is in its batch beyond float rounding. Row `i` is `prompts[i]`.
+pub fn embed_at_token(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    budget: usize,
+) -> Result<Vec<Vec<f32>>, EmbedError> {
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(search_r3_model::Error::Invalid("embed_at_token: empty prompt".into()).into());
+    }
+    let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut out = vec![Vec::new(); prompts.len()];
+    for rows in crate::encode::plan_batches(&lengths, budget.max(1)) {
+        let batch: Vec<Vec<u32>> = rows.iter().map(|&i| prompts[i].clone()).collect();
+        let batch = Batch::left_padded(&batch, pad_id)?;
+        let h = model.forward(&batch, Path::Fast, None)?;
+        let last = h.narrow(1, batch.t - 1, 1)?.squeeze(1)?; // [b, d]
+        let vecs: Vec<Vec<f32>> = last.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+        for (i, v) in rows.into_iter().zip(vecs) {
+            out[i] = v;
+        }
+    }
+    Ok(out)
+}
+
 fn join(parts: &PromptParts, body: &[u32]) -> Vec<u32> {
     let mut ids = Vec::with_capacity(parts.prefix.len() + body.len() + parts.suffix.len());
     ids.extend(&parts.prefix);
     ids.extend(body);
     ids.extend(&parts.suffix);
     ids
-}
-
-/// L2-normalises a vector (a zero vector stays zero).
-pub fn normalize(mut v: Vec<f32>) -> Vec<f32> {
-    let n = v
-        .iter()
-        .map(|x| (*x as f64) * (*x as f64))
-        .sum::<f64>()
-        .sqrt();
-    if n > 0.0 {
-        v.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
-    }
-    v
 }

@@ -5,18 +5,19 @@
 //! On disk an index directory holds the vector index (`search-r3-index` format: checksummed,
 //! swapped in atomically) plus `docs.jsonl`, the document table (key → id, title, text), written
 //! in the same atomic swap and covered by the same checksums.
+//!
+//! The embedder and the identity an index is checked against come from [`crate::load`].
 
 use crate::corpus::{corpus_fingerprint, Document};
 use crate::embedder::{EmbedError, Embedder, QueryEmbedding, QueryMode};
 use crate::encode::{encode_documents, EncodeError, EncodeOptions};
-use crate::templates::{TemplateError, Templates};
+use crate::load::{load_embedder, EmbedderOptions, ModelIdentity};
+use crate::templates::TemplateError;
 use search_r3_index::{
     check_compatible, load_index_with_files, save_index_with_files, AnyIndex, DocKey, HnswParams,
     IndexKind, IndexMeta, VectorIndex,
 };
-use search_r3_model::{fetch, load_model, state, LoadOptions, LoadedModel};
-use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
+use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -24,7 +25,7 @@ use std::sync::Arc;
 
 const DOCS_FILE: &str = "docs.jsonl";
 
-/// Errors of the retrieval layer.
+/// Errors of the retrieval layer (loading, encoding, indexing, searching).
 #[derive(Debug, thiserror::Error)]
 pub enum SearchError {
     /// Loading the model or adapter failed.
@@ -45,118 +46,6 @@ pub enum SearchError {
     /// Anything else, with context.
     #[error("{0}")]
     Other(String),
-}
-
-/// Which model, adapter and templates produced an index's vectors.
-#[derive(Debug, Clone)]
-pub struct ModelIdentity {
-    /// What `--model` said (fetched name, GGUF path or HF dir), so `search` can reload it.
-    pub spec: String,
-    /// sha256 of the GGUF file, or of `config.json` + weights for an HF dir.
-    pub sha256: String,
-    /// sha256 of the adapter file, if any.
-    pub adapter: Option<String>,
-    /// Hash of the templates.
-    pub template_hash: String,
-}
-
-impl ModelIdentity {
-    /// The fields an index must match to be used with this model.
-    pub fn compat_map(&self) -> Map<String, Value> {
-        let mut m = Map::new();
-        m.insert("model_sha256".into(), json!(self.sha256));
-        m.insert(
-            "adapter_sha256".into(),
-            json!(self.adapter.clone().unwrap_or_default()),
-        );
-        m.insert("template_hash".into(), json!(self.template_hash));
-        m
-    }
-}
-
-fn sha256_file(path: &Path) -> Result<String, SearchError> {
-    fetch::sha256_file(path).map_err(|e| SearchError::Other(e.to_string()))
-}
-
-/// sha256 identifying a model on disk (a fetched model's verified hash is reused).
-pub fn model_sha256(loaded: &LoadedModel) -> Result<String, SearchError> {
-    if let Some(k) = fetch::known_models().iter().find(|k| k.name == loaded.id) {
-        return Ok(k.sha256.to_string());
-    }
-    if loaded.path.is_file() {
-        return sha256_file(&loaded.path);
-    }
-    let mut names: Vec<PathBuf> = std::fs::read_dir(&loaded.path)
-        .map_err(|e| SearchError::Other(format!("{}: {e}", loaded.path.display())))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") || p.ends_with("config.json"))
-        .collect();
-    names.sort();
-    let mut h = Sha256::new();
-    for p in names {
-        h.update(sha256_file(&p)?.as_bytes());
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
-/// Options for loading the embedder.
-#[derive(Debug, Clone, Default)]
-pub struct EmbedderOptions {
-    /// Trainable-state file (LoRA + embed-token rows) to apply, or a `train sft` output
-    /// directory (its `adapter.safetensors`).
-    pub adapter: Option<PathBuf>,
-    /// Template file overriding the built-in one for the model's family.
-    pub templates: Option<PathBuf>,
-    /// Document truncation in tokens (default 512).
-    pub max_doc_tokens: Option<usize>,
-}
-
-/// Loads model (+adapter) and templates into an [`Embedder`], with its identity.
-pub fn load_embedder(
-    spec: &str,
-    opts: &EmbedderOptions,
-) -> Result<(Embedder, ModelIdentity), SearchError> {
-    let mut loaded = load_model(spec, &LoadOptions::default())?;
-    let sha256 = model_sha256(&loaded)?;
-    let adapter = match &opts.adapter {
-        Some(p) => {
-            // A training run's directory stands for its shipped adapter.
-            let file = if p.is_dir() {
-                p.join("adapter.safetensors")
-            } else {
-                p.clone()
-            };
-            let md = state::load_trainable(&mut loaded.model, &file)?;
-            // Shapes alone would accept an adapter trained on another model of the same size.
-            if let Some(base) = md.get("base_model_sha256").filter(|b| **b != sha256) {
-                return Err(SearchError::Model(search_r3_model::Error::file(
-                    &file,
-                    format!(
-                        "adapter was trained on base model `{}` (sha256 {base}), not on `{spec}` \
-                         (sha256 {sha256})",
-                        md.get("base_model").map(String::as_str).unwrap_or("?")
-                    ),
-                )));
-            }
-            // Inference only from here on: folded adapters cost nothing per token (one matmul
-            // per projection instead of three).
-            loaded.model.merge_lora()?;
-            Some(sha256_file(&file)?)
-        }
-        None => None,
-    };
-    let templates = match &opts.templates {
-        Some(p) => Templates::from_file(p)?,
-        None => Templates::for_arch(loaded.model.config.arch),
-    };
-    let identity = ModelIdentity {
-        spec: spec.to_string(),
-        sha256,
-        adapter,
-        template_hash: templates.hash(),
-    };
-    let e = Embedder::new(loaded, templates, opts.max_doc_tokens.unwrap_or(512))?;
-    Ok((e, identity))
 }
 
 /// One ranked document.

@@ -2,8 +2,9 @@
 //! at `<|embed_token|>`, independent of batch composition, and reasoning mode embeds what the
 //! model wrote.
 
-use search_r3_core::{Embedder, QueryMode, Templates};
-use search_r3_model::{load::known_model_for_tests, Batch, ChatMessage, Path};
+use search_r3_core::embedder::{Embedder, QueryMode};
+use search_r3_core::templates::Templates;
+use search_r3_model::{known_model_for_tests, Batch, ChatMessage, Path};
 
 fn embedder() -> Option<Embedder> {
     let m = known_model_for_tests("smollm2")?;

@@ -1,14 +1,15 @@
 //! Kill-and-resume: an encoding job interrupted between batches and run again produces exactly
 //! the vectors of an uninterrupted run, without redoing finished batches.
 
+use search_r3_core::embedder::Embedder;
 use search_r3_core::encode::{encode_documents, EncodeError, EncodeOptions};
-use search_r3_core::{Embedder, Templates};
+use search_r3_core::templates::Templates;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[test]
 fn interrupted_encoding_resumes_to_identical_vectors() {
-    let Some(m) = search_r3_model::load::known_model_for_tests("smollm2") else {
+    let Some(m) = search_r3_model::known_model_for_tests("smollm2") else {
         return;
     };
     let t = Templates::for_arch(m.model.config.arch);
