@@ -5,108 +5,12 @@ use crate::bench::proc_bytes;
 use crate::retrieval::{EmbedArgs, DEMO_CORPUS, DEMO_QUERIES};
 use anyhow::{Context, Result};
 use clap::Args;
-use search_r3_server::load::{run_load, LoadOptions, LoadReport};
-use search_r3_server::{shutdown_signal, Backend, ServeOptions, Server};
+use search_r3_server::loadgen::{run_load, LoadOptions, LoadReport};
+use search_r3_server::{shutdown_signal, Backend, Limits, ServeOptions, Server};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// Server limits and batching, with text-embeddings-inference's defaults.
-#[derive(Args, Debug, Clone)]
-pub struct LimitArgs {
-    /// Requests queued for the model before new ones get 429.
-    #[arg(long, default_value_t = 512)]
-    max_concurrent_requests: usize,
-    /// Prompt tokens per model batch (one forward pass).
-    #[arg(long, default_value_t = 16384)]
-    max_batch_tokens: usize,
-    /// Padded tokens per forward pass; a batch runs as length-sorted passes of this size
-    /// (small passes are faster per token on CPU).
-    #[arg(long, default_value_t = 2048)]
-    max_forward_tokens: usize,
-    /// Requests per model batch.
-    #[arg(long, default_value_t = 64)]
-    max_batch_requests: usize,
-    /// Inputs (or documents) per request; more get 413.
-    #[arg(long, default_value_t = 32)]
-    max_client_batch_size: usize,
-    /// Tokens per input; longer ones get 413 unless truncated (default: the index's document
-    /// limit, or 512).
-    #[arg(long)]
-    max_input_length: Option<usize>,
-    /// Request body limit in bytes; larger bodies get 413.
-    #[arg(long, default_value_t = 2_000_000)]
-    payload_limit: usize,
-    /// Cut over-long inputs instead of answering 413 (a request's `truncate` overrides).
-    #[arg(long)]
-    auto_truncate: bool,
-    /// One request per forward pass instead of batching queued requests together.
-    #[arg(long)]
-    no_batching: bool,
-    /// Model worker threads (each runs whole batches; the matmuls use every core already).
-    #[arg(long, default_value_t = 1)]
-    workers: usize,
-    /// Seconds shutdown waits for in-flight requests before dropping them (the queue is
-    /// drained and the index flushed either way).
-    #[arg(long, default_value_t = 60)]
-    shutdown_timeout: u64,
-}
-
-impl LimitArgs {
-    /// The same settings as `serve` flags.
-    fn to_args(&self) -> Vec<String> {
-        let mut v: Vec<String> = [
-            ("--max-concurrent-requests", self.max_concurrent_requests),
-            ("--max-batch-tokens", self.max_batch_tokens),
-            ("--max-forward-tokens", self.max_forward_tokens),
-            ("--max-batch-requests", self.max_batch_requests),
-            ("--max-client-batch-size", self.max_client_batch_size),
-            ("--payload-limit", self.payload_limit),
-            ("--workers", self.workers),
-            ("--shutdown-timeout", self.shutdown_timeout as usize),
-        ]
-        .iter()
-        .flat_map(|(k, n)| [k.to_string(), n.to_string()])
-        .collect();
-        if let Some(n) = self.max_input_length {
-            v.extend(["--max-input-length".to_string(), n.to_string()]);
-        }
-        for (on, flag) in [
-            (self.auto_truncate, "--auto-truncate"),
-            (self.no_batching, "--no-batching"),
-        ] {
-            if on {
-                v.push(flag.to_string());
-            }
-        }
-        v
-    }
-
-    fn options(
-        &self,
-        addr: SocketAddr,
-        api_key: Option<String>,
-        doc_tokens: usize,
-    ) -> ServeOptions {
-        ServeOptions {
-            addr,
-            api_key,
-            max_concurrent_requests: self.max_concurrent_requests,
-            max_input_length: self.max_input_length.unwrap_or(doc_tokens),
-            max_batch_tokens: self.max_batch_tokens,
-            forward_tokens: self.max_forward_tokens,
-            max_batch_requests: self.max_batch_requests,
-            max_client_batch_size: self.max_client_batch_size,
-            payload_limit: self.payload_limit,
-            auto_truncate: self.auto_truncate,
-            batching: !self.no_batching,
-            workers: self.workers,
-            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
-            ..ServeOptions::default()
-        }
-    }
-}
 
 /// `search-r3 serve`.
 #[derive(Args, Debug)]
@@ -130,7 +34,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SEARCH_R3_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     #[command(flatten)]
-    limits: LimitArgs,
+    limits: Limits,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -145,10 +49,12 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
         .with_context(|| format!("--host {} --port {}: not an address", a.host, a.port))?;
-    let mut backend = Backend::open(&a.model, &a.embed.options(None), a.index.as_deref())?;
-    let opts = a
-        .limits
-        .options(addr, a.api_key.clone(), backend.max_doc_tokens());
+    let backend = Backend::open(&a.model, &a.embed.options(None), a.index.as_deref())?;
+    let opts = ServeOptions {
+        addr,
+        api_key: a.api_key.clone(),
+        limits: a.limits,
+    };
     runtime()?.block_on(async {
         let server = Server::bind(backend, opts).await?;
         // Printed on stderr in a fixed form so scripts (and the tests) can find the port.
@@ -190,7 +96,7 @@ pub struct BenchServeArgs {
     #[arg(long)]
     json: Option<PathBuf>,
     #[command(flatten)]
-    limits: LimitArgs,
+    limits: Limits,
 }
 
 /// The first `n` demo documents, bodies cut to 600 characters (the load is about the server,
@@ -224,8 +130,10 @@ struct Child {
 impl Child {
     fn spawn(a: &BenchServeArgs, batching: bool, index: &std::path::Path) -> Result<Child> {
         use std::io::BufRead;
-        let mut limits = a.limits.clone();
-        limits.no_batching = !batching;
+        let limits = Limits {
+            batching,
+            ..a.limits
+        };
         let mut proc = std::process::Command::new(std::env::current_exe()?)
             .args(["serve", "--model", &a.model, "--port", "0", "--index"])
             .arg(index)
@@ -495,9 +403,8 @@ pub fn bench_serve(a: &BenchServeArgs) -> Result<()> {
             "reason_share": a.reason_share,
             "settings": results,
         }))?;
-        let tmp = p.with_extension("json.tmp");
-        std::fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, p).with_context(|| format!("writing {}", p.display()))?;
+        search_r3_model::files::write_atomic(p, &body)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     let errors: u64 = results
         .iter()

@@ -1,13 +1,14 @@
 //! Request and response bodies: TEI's `/embed`, `/tokenize`, `/info`; OpenAI's
 //! `/v1/embeddings`; and our `/search` and `/index/*`.
 
+use crate::Limits;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// One text or a list of texts.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
-pub enum Inputs {
+pub(crate) enum Inputs {
     /// A single text.
     One(String),
     /// Several texts, answered in order.
@@ -27,7 +28,7 @@ impl Inputs {
 /// Which prompt wraps a text before it is embedded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum PromptName {
+pub(crate) enum PromptName {
     /// The document prompt (what the index stores).
     #[default]
     Document,
@@ -37,7 +38,7 @@ pub enum PromptName {
 
 /// Which end of an over-long input is cut (TEI's `truncation_direction`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
-pub enum TruncationDirection {
+pub(crate) enum TruncationDirection {
     /// Keep the end.
     #[serde(alias = "left")]
     Left,
@@ -52,7 +53,7 @@ pub enum TruncationDirection {
 
 /// `POST /embed` (TEI).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct EmbedRequest {
+pub(crate) struct EmbedRequest {
     /// Text(s) to embed.
     pub inputs: Inputs,
     /// L2-normalise the vectors (default true).
@@ -73,7 +74,7 @@ pub struct EmbedRequest {
 /// OpenAI `input`: text(s) or token ids of text(s).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
-pub enum OpenAiInput {
+pub(crate) enum OpenAiInput {
     /// A single text.
     One(String),
     /// Several texts.
@@ -87,7 +88,7 @@ pub enum OpenAiInput {
 /// `float` (default) or `base64` (little-endian f32 bytes).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum EncodingFormat {
+pub(crate) enum EncodingFormat {
     /// JSON numbers.
     #[default]
     Float,
@@ -97,11 +98,12 @@ pub enum EncodingFormat {
 
 /// `POST /v1/embeddings` (OpenAI).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct OpenAiRequest {
+pub(crate) struct OpenAiRequest {
     /// Text(s) or token ids.
     pub input: OpenAiInput,
     /// Echoed back; any value is accepted (the server runs one model).
     #[serde(default)]
+    #[expect(dead_code, reason = "accepted and documented, never read")]
     pub model: Option<String>,
     /// `float` (default) or `base64`.
     #[serde(default)]
@@ -111,13 +113,14 @@ pub struct OpenAiRequest {
     pub dimensions: Option<usize>,
     /// Ignored (OpenAI's end-user id).
     #[serde(default)]
+    #[expect(dead_code, reason = "accepted and documented, never read")]
     pub user: Option<String>,
 }
 
 /// A vector as floats or base64.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(untagged)]
-pub enum EmbeddingData {
+pub(crate) enum EmbeddingData {
     /// JSON numbers.
     Float(Vec<f32>),
     /// Base64 of the little-endian f32 bytes.
@@ -126,7 +129,7 @@ pub enum EmbeddingData {
 
 /// One vector of an OpenAI answer.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct OpenAiEmbedding {
+pub(crate) struct OpenAiEmbedding {
     /// Always `embedding`.
     pub object: &'static str,
     /// The vector.
@@ -137,7 +140,7 @@ pub struct OpenAiEmbedding {
 
 /// Token counts of an OpenAI answer.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Usage {
+pub(crate) struct Usage {
     /// Input text tokens.
     pub prompt_tokens: usize,
     /// Same as `prompt_tokens` (nothing is generated).
@@ -146,7 +149,7 @@ pub struct Usage {
 
 /// `POST /v1/embeddings` answer.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct OpenAiResponse {
+pub(crate) struct OpenAiResponse {
     /// Always `list`.
     pub object: &'static str,
     /// One entry per input.
@@ -159,7 +162,7 @@ pub struct OpenAiResponse {
 
 /// `POST /tokenize` (TEI).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct TokenizeRequest {
+pub(crate) struct TokenizeRequest {
     /// Text(s) to tokenize.
     pub inputs: Inputs,
     /// Add the tokenizer's special tokens (default true; SmolLM2 and Qwen2 add none, prompts
@@ -170,7 +173,7 @@ pub struct TokenizeRequest {
 
 /// One token of `/tokenize`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct SimpleToken {
+pub(crate) struct SimpleToken {
     /// Token id.
     pub id: u32,
     /// The covered input text (the token's own text when it has no span).
@@ -185,7 +188,7 @@ pub struct SimpleToken {
 
 /// `POST /search`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct SearchRequest {
+pub(crate) struct SearchRequest {
     /// The query text.
     pub query: String,
     /// Hits to return (default 10).
@@ -201,7 +204,7 @@ pub struct SearchRequest {
 
 /// One ranked document.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Hit {
+pub(crate) struct Hit {
     /// 1-based rank.
     pub rank: usize,
     /// Document id.
@@ -216,7 +219,7 @@ pub struct Hit {
 
 /// Where a search's time went, in seconds.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct SearchTimings {
+pub(crate) struct SearchTimings {
     /// Waiting for a model worker.
     pub queue_s: f64,
     /// The model's reasoning (0 without `reason`).
@@ -233,7 +236,7 @@ pub struct SearchTimings {
 
 /// `POST /search` answer.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct SearchResponse {
+pub(crate) struct SearchResponse {
     /// The query as received.
     pub query: String,
     /// `direct` or `reason`.
@@ -252,7 +255,7 @@ pub struct SearchResponse {
 
 /// A document to index.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct UpsertDocument {
+pub(crate) struct UpsertDocument {
     /// Unique id; an existing document with this id is replaced.
     pub id: String,
     /// Title (optional).
@@ -264,7 +267,7 @@ pub struct UpsertDocument {
 
 /// `POST /index/upsert`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct UpsertRequest {
+pub(crate) struct UpsertRequest {
     /// Documents to add or replace.
     pub documents: Vec<UpsertDocument>,
     /// Cut documents over the index's token limit (default true, as `search-r3 index` does);
@@ -275,7 +278,7 @@ pub struct UpsertRequest {
 
 /// `POST /index/upsert` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct UpsertResponse {
+pub(crate) struct UpsertResponse {
     /// Documents written.
     pub upserted: usize,
     /// Of those, how many were cut to the token limit.
@@ -286,14 +289,14 @@ pub struct UpsertResponse {
 
 /// `POST /index/delete`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct DeleteRequest {
+pub(crate) struct DeleteRequest {
     /// Ids to delete.
     pub ids: Vec<String>,
 }
 
 /// `POST /index/delete` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct DeleteResponse {
+pub(crate) struct DeleteResponse {
     /// Documents deleted.
     pub deleted: usize,
     /// Ids that were not in the index.
@@ -304,21 +307,21 @@ pub struct DeleteResponse {
 
 /// TEI's `model_type`.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ModelType {
+pub(crate) struct ModelType {
     /// Embedding model details.
     pub embedding: Pooling,
 }
 
 /// How the vector is taken.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Pooling {
+pub(crate) struct Pooling {
     /// Always `embed_token`: the final hidden state at `<|embed_token|>`.
     pub pooling: String,
 }
 
 /// The index the server searches.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct IndexInfo {
+pub(crate) struct IndexInfo {
     /// Directory.
     pub path: String,
     /// `hnsw` or `exact`.
@@ -329,7 +332,7 @@ pub struct IndexInfo {
 
 /// `GET /info`.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Info {
+pub(crate) struct Info {
     /// The served model (what `--model` said).
     pub model_id: String,
     /// sha256 of the base model.
@@ -342,28 +345,10 @@ pub struct Info {
     pub model_type: ModelType,
     /// Vector width.
     pub dimensions: usize,
-    /// Jobs queued before 429.
-    pub max_concurrent_requests: usize,
-    /// Token limit per input.
-    pub max_input_length: usize,
-    /// Prompt tokens per model batch.
-    pub max_batch_tokens: usize,
-    /// Padded tokens per forward pass.
-    pub max_forward_tokens: usize,
-    /// Requests per model batch.
-    pub max_batch_requests: usize,
-    /// Inputs per request.
-    pub max_client_batch_size: usize,
-    /// Request body limit in bytes.
-    pub payload_limit: usize,
-    /// Most hits `/search` returns.
-    pub max_k: usize,
-    /// Whether over-long inputs are cut by default.
-    pub auto_truncate: bool,
-    /// Whether queued requests share forward passes.
-    pub batching: bool,
-    /// Model worker threads.
-    pub workers: usize,
+    // Limits and batching (the server's flags, `max_input_length` resolved).
+    #[serde(flatten)]
+    #[schema(inline)]
+    pub limits: Limits,
     /// Reasoning budget in tokens.
     pub max_reasoning_tokens: usize,
     /// The index, when the server has one.
@@ -374,7 +359,7 @@ pub struct Info {
 
 /// `GET /health`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Health {
+pub(crate) struct Health {
     /// `ok`.
     pub status: String,
     /// Model workers running.

@@ -9,7 +9,7 @@ use axum::Json;
 /// `unauthorized` (401), `not_found` (404) and `invalid_request` (malformed JSON or a field
 /// out of range, 400/415/422).
 #[derive(Debug, Clone)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     /// HTTP status.
     pub status: StatusCode,
     /// Human-readable message naming the field and what was expected.
@@ -20,7 +20,7 @@ pub struct ApiError {
 
 /// The JSON body of every error.
 #[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     /// What went wrong.
     pub error: String,
     /// `validation`, `tokenizer`, `overloaded`, `unhealthy`, `empty`, `backend`,

@@ -1,32 +1,48 @@
 //! `search-r3 serve`: a text-embeddings-inference- and OpenAI-compatible embedding server that
 //! also searches an index with the model's reasoning.
 //!
-//! A request's path: [`routes`] validates and tokenizes it → [`queue::Queue`] (bounded; full
-//! → 429) → a model worker thread batches it with other queued requests under a token budget
-//! and runs the forward pass or the reasoning → the handler looks the vector up in the index
+//! A request's path: `routes` validates and tokenizes it → `queue` (bounded; full → 429) → a
+//! model worker thread batches it with other queued requests under a token budget and runs
+//! the forward pass or the reasoning → the handler looks the vector up in the index
 //! (`/search`) or writes it there (`/index/upsert`, persisted atomically before answering).
 //! Shutdown stops accepting, lets in-flight requests finish, drains the queue, joins the
 //! workers and flushes the index.
+//!
+//! Modules, in TEI's router / queue / backend terms:
+//! - `routes`: the router's HTTP handlers (validation, tokenization, the index).
+//! - `api`: the router's request and response bodies (TEI's, OpenAI's and ours).
+//! - `error`: the router's error answers, TEI's `{"error", "error_type"}` and status codes.
+//! - `queue`: the queue and dynamic batching in front of the backend's worker threads.
+//! - `limits`: [`Limits`], the queue's and the router's limits (flags, options and `/info`).
+//! - `metrics`: the Prometheus metrics of the router and the queue.
+//! - [`loadgen`]: a closed-loop load generator for the router (`search-r3 bench serve`).
+//!
+//! The backend is [`Backend`] (the model and, optionally, the index); [`Server`] binds the
+//! router and runs it until shutdown.
 
-pub mod api;
-pub mod error;
-pub mod load;
-pub mod metrics;
-pub mod queue;
-pub mod routes;
+mod api;
+mod error;
+mod limits;
+pub mod loadgen;
+mod metrics;
+mod queue;
+mod routes;
+
+pub use limits::Limits;
 
 use crate::api::{IndexInfo, Info, ModelType, Pooling};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::queue::{BatchConfig, Queue};
+use crate::queue::Queue;
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use search_r3_core::searcher::{load_embedder, EmbedderOptions, ModelIdentity, Searcher};
-use search_r3_core::Embedder;
+use search_r3_core::embedder::Embedder;
+use search_r3_core::load::{load_embedder, EmbedderOptions, ModelIdentity};
+use search_r3_core::searcher::Searcher;
 use search_r3_index::{HnswParams, IndexKind};
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -36,40 +52,15 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 use utoipa::OpenApi;
 
-/// Server settings; the defaults are text-embeddings-inference's where it has one.
+/// Server settings: where to listen, the API key and the [`Limits`].
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Address to listen on (port 0 picks a free one).
     pub addr: SocketAddr,
     /// When set, every route but `/health` needs `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
-    /// Jobs queued for the model before requests get 429.
-    pub max_concurrent_requests: usize,
-    /// Text tokens per input (longer: 413, or cut when truncating).
-    pub max_input_length: usize,
-    /// Prompt tokens per model batch.
-    pub max_batch_tokens: usize,
-    /// Padded tokens per forward pass: a batch runs as length-sorted passes of at most this
-    /// many. On CPU small passes are faster per token (cache-resident activations; 1–2k
-    /// measured best for SmolLM2, see docs/benchmarks.md).
-    pub forward_tokens: usize,
-    /// Requests per model batch.
-    pub max_batch_requests: usize,
-    /// Inputs (or documents) per request.
-    pub max_client_batch_size: usize,
-    /// Request body limit in bytes.
-    pub payload_limit: usize,
-    /// Most hits one search returns.
-    pub max_k: usize,
-    /// Cut over-long inputs instead of answering 413 unless a request says otherwise.
-    pub auto_truncate: bool,
-    /// Share forward passes between queued requests.
-    pub batching: bool,
-    /// Model worker threads.
-    pub workers: usize,
-    /// How long shutdown waits for in-flight requests before it drops them (the queue is
-    /// drained and the index flushed either way).
-    pub shutdown_timeout: std::time::Duration,
+    /// Limits and batching (`max_input_length` unset: the index's document limit, or 512).
+    pub limits: Limits,
 }
 
 impl Default for ServeOptions {
@@ -77,18 +68,7 @@ impl Default for ServeOptions {
         ServeOptions {
             addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
             api_key: None,
-            max_concurrent_requests: 512,
-            max_input_length: 512,
-            max_batch_tokens: 16384,
-            forward_tokens: 2048,
-            max_batch_requests: 64,
-            max_client_batch_size: 32,
-            payload_limit: 2_000_000,
-            max_k: 1000,
-            auto_truncate: false,
-            batching: true,
-            workers: 1,
-            shutdown_timeout: std::time::Duration::from_secs(60),
+            limits: Limits::default(),
         }
     }
 }
@@ -156,19 +136,16 @@ impl Backend {
             (None, None) => unreachable!("a backend has an index or its own embedder"),
         }
     }
-
-    /// The document token limit the embedder (or the index) uses.
-    pub fn max_doc_tokens(&mut self) -> usize {
-        self.embedder_slot().max_doc_tokens
-    }
 }
 
 /// Shared by every handler.
-pub struct AppState {
+pub(crate) struct AppState {
     embedder: Arc<Embedder>,
     index: Option<RwLock<Searcher>>,
     queue: Queue,
     opts: ServeOptions,
+    /// `opts.limits.max_input_length`, or the embedder's document limit.
+    max_input_length: usize,
     metrics: Arc<Metrics>,
     info: Info,
     /// Set when an index write reached memory but not disk (a failed save); shutdown retries.
@@ -220,7 +197,7 @@ impl utoipa::Modify for BearerAuth {
 }
 
 /// The OpenAPI document served at `/openapi.json`.
-pub fn openapi_doc() -> utoipa::openapi::OpenApi {
+pub(crate) fn openapi_doc() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     doc
@@ -279,27 +256,15 @@ impl Server {
     /// Starts the model workers and binds `opts.addr`.
     pub async fn bind(mut backend: Backend, opts: ServeOptions) -> anyhow::Result<Server> {
         let metrics = Arc::new(Metrics::new());
+        let limits = opts.limits;
         let slot = backend.embedder_slot();
         if let Some(e) = Arc::get_mut(slot) {
-            e.batch_tokens = opts.forward_tokens.max(1);
+            e.batch_tokens = limits.max_forward_tokens.max(1);
         }
         let embedder = slot.clone();
+        let max_input_length = limits.max_input_length.unwrap_or(embedder.max_doc_tokens);
         let index = backend.index;
-        let queue = Queue::start(
-            embedder.clone(),
-            BatchConfig {
-                batching: opts.batching,
-                max_batch_tokens: opts.max_batch_tokens,
-                max_batch_requests: if opts.batching {
-                    opts.max_batch_requests.max(1)
-                } else {
-                    1
-                },
-                queue_capacity: opts.max_concurrent_requests,
-                workers: opts.workers,
-            },
-            metrics.clone(),
-        );
+        let queue = Queue::start(embedder.clone(), &limits, metrics.clone());
         let id = &backend.identity;
         let info = Info {
             model_id: id.spec.clone(),
@@ -312,17 +277,11 @@ impl Server {
                 },
             },
             dimensions: embedder.dim(),
-            max_concurrent_requests: opts.max_concurrent_requests,
-            max_input_length: opts.max_input_length,
-            max_batch_tokens: opts.max_batch_tokens,
-            max_forward_tokens: opts.forward_tokens,
-            max_batch_requests: opts.max_batch_requests,
-            max_client_batch_size: opts.max_client_batch_size,
-            payload_limit: opts.payload_limit,
-            max_k: opts.max_k,
-            auto_truncate: opts.auto_truncate,
-            batching: opts.batching,
-            workers: opts.workers.max(1),
+            limits: Limits {
+                max_input_length: Some(max_input_length),
+                workers: limits.workers.max(1),
+                ..limits
+            },
             max_reasoning_tokens: embedder.templates.reason.max_reasoning_tokens,
             index: index.as_ref().map(|s| IndexInfo {
                 path: s.dir().display().to_string(),
@@ -339,6 +298,7 @@ impl Server {
             index: index.map(RwLock::new),
             queue,
             opts: opts.clone(),
+            max_input_length,
             metrics,
             info,
             dirty: AtomicBool::new(false),
@@ -357,7 +317,7 @@ impl Server {
             .route("/metrics", get(routes::metrics))
             .route("/openapi.json", get(routes::openapi))
             .fallback(routes::not_found)
-            .layer(DefaultBodyLimit::max(opts.payload_limit))
+            .layer(DefaultBodyLimit::max(limits.payload_limit))
             .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
             // Outermost, so refused requests (401, 413, 429) are counted too.
             .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
@@ -396,7 +356,7 @@ impl Server {
                 })
                 .into_future(),
         );
-        let grace = state.opts.shutdown_timeout;
+        let grace = state.opts.limits.shutdown_timeout;
         let served = tokio::select! {
             r = &mut http => r.context("the HTTP task failed").and_then(|r| r.context("serving HTTP")),
             _ = async {

@@ -7,7 +7,7 @@ use prometheus::{
 };
 
 /// Every metric the server exports, in its own registry.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// Requests by route and status code.
     pub requests: IntCounterVec,

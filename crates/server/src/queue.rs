@@ -8,32 +8,18 @@
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use search_r3_core::embedder::normalize;
-use search_r3_core::{Embedder, QueryEmbedding, QueryMode};
+use crate::Limits;
+use search_r3_core::embedder::{Embedder, QueryEmbedding, QueryMode};
+use search_r3_index::l2_normalize;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
-/// How workers group jobs.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchConfig {
-    /// Group queued jobs into one forward pass (false: one request per pass).
-    pub batching: bool,
-    /// Most prompt tokens in one embedding batch (a single larger request still runs, alone).
-    pub max_batch_tokens: usize,
-    /// Most requests in one batch.
-    pub max_batch_requests: usize,
-    /// Jobs the queue holds before answering 429.
-    pub queue_capacity: usize,
-    /// Model worker threads.
-    pub workers: usize,
-}
-
 /// Where a job's time went.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
-pub struct JobTiming {
+pub(crate) struct JobTiming {
     /// Seconds waiting for a worker.
     pub queue_s: f64,
     /// Seconds of model work for the batch the job ran in.
@@ -64,7 +50,7 @@ struct Job {
 }
 
 /// The bounded job queue and its worker threads.
-pub struct Queue {
+pub(crate) struct Queue {
     tx: mpsc::Sender<Job>,
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     alive: Arc<AtomicUsize>,
@@ -73,12 +59,14 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// Starts `cfg.workers` threads that run `embedder`.
-    pub fn start(embedder: Arc<Embedder>, cfg: BatchConfig, metrics: Arc<Metrics>) -> Queue {
-        let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
+    /// Starts `limits.workers` threads that run `embedder`, behind a queue of
+    /// `limits.max_concurrent_requests` jobs.
+    pub fn start(embedder: Arc<Embedder>, limits: &Limits, metrics: Arc<Metrics>) -> Queue {
+        let limits = *limits;
+        let (tx, rx) = mpsc::channel(limits.max_concurrent_requests.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let alive = Arc::new(AtomicUsize::new(0));
-        let n = cfg.workers.max(1);
+        let n = limits.workers.max(1);
         let workers = (0..n)
             .map(|i| {
                 let (rx, emb, m, alive) =
@@ -87,7 +75,7 @@ impl Queue {
                 std::thread::Builder::new()
                     .name(format!("model-worker-{i}"))
                     .spawn(move || {
-                        worker(&rx, &emb, cfg, &m);
+                        worker(&rx, &emb, &limits, &m);
                         alive.fetch_sub(1, Ordering::SeqCst);
                     })
                     .expect("spawning a model worker")
@@ -200,7 +188,7 @@ fn same_kind(a: &Task, b: &Task) -> bool {
     )
 }
 
-fn worker(rx: &Mutex<mpsc::Receiver<Job>>, emb: &Embedder, cfg: BatchConfig, m: &Metrics) {
+fn worker(rx: &Mutex<mpsc::Receiver<Job>>, emb: &Embedder, limits: &Limits, m: &Metrics) {
     // A job taken out of the channel that did not fit the batch; it still counts as queued.
     let mut carry: Option<Job> = None;
     loop {
@@ -216,16 +204,18 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, emb: &Embedder, cfg: BatchConfig, m: 
             return;
         }
         let mut batch = vec![first];
-        if cfg.batching {
+        if limits.batching {
             let max_requests = match batch[0].task {
-                Task::Reason { .. } => cfg.max_batch_requests.min(emb.reason_batch.max(1)),
-                _ => cfg.max_batch_requests,
+                Task::Reason { .. } => limits.max_batch_requests.min(emb.reason_batch.max(1)),
+                _ => limits.max_batch_requests,
             };
             let mut tokens = batch[0].tokens;
             let mut rx = rx.lock().expect("not poisoned");
             while batch.len() < max_requests {
                 let Ok(j) = rx.try_recv() else { break };
-                if !same_kind(&batch[0].task, &j.task) || tokens + j.tokens > cfg.max_batch_tokens {
+                if !same_kind(&batch[0].task, &j.task)
+                    || tokens + j.tokens > limits.max_batch_tokens
+                {
                     carry = Some(j);
                     break;
                 }
@@ -243,6 +233,26 @@ fn reply_closed(j: &Job) -> bool {
         Task::Embed { reply, .. } => reply.is_closed(),
         Task::Reason { reply, .. } => reply.is_closed(),
         Task::Stop => false,
+    }
+}
+
+/// Runs one batch through the model, timed as `inference_time{kind}`. An error or a panic
+/// (which must fail the batch's requests, not kill the worker) becomes `"{what} failed: …"`.
+fn run_model<T, E: std::fmt::Display>(
+    m: &Metrics,
+    kind: &str,
+    what: &str,
+    started: Instant,
+    f: impl FnOnce() -> Result<T, E>,
+) -> Result<T, String> {
+    let out = std::panic::catch_unwind(AssertUnwindSafe(f));
+    m.inference_time
+        .with_label_values(&[kind])
+        .observe(started.elapsed().as_secs_f64());
+    match out {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what} failed: {e}")),
+        Err(_) => Err(format!("{what} failed: the model panicked")),
     }
 }
 
@@ -277,21 +287,15 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
             .collect();
         let tokens: usize = all.iter().map(Vec::len).sum();
         m.batch_tokens.observe(tokens as f64);
-        // A panic in the model must fail these requests, not kill the worker.
-        let out = std::panic::catch_unwind(AssertUnwindSafe(|| emb.embed_prompts_raw(&all)));
-        m.inference_time
-            .with_label_values(&["embed"])
-            .observe(started.elapsed().as_secs_f64());
-        let mut vectors = match out {
-            Ok(Ok(v)) => {
-                m.tokens
-                    .with_label_values(&["prompt"])
-                    .inc_by(tokens as u64);
-                Ok(v.into_iter())
-            }
-            Ok(Err(e)) => Err(format!("embedding failed: {e}")),
-            Err(_) => Err("embedding failed: the model panicked".to_string()),
-        };
+        let mut vectors = run_model(m, "embed", "embedding", started, || {
+            emb.embed_prompts_raw(&all)
+        })
+        .map(|v| {
+            m.tokens
+                .with_label_values(&["prompt"])
+                .inc_by(tokens as u64);
+            v.into_iter()
+        });
         for (i, j) in batch.into_iter().enumerate() {
             let Task::Embed {
                 prompts,
@@ -305,7 +309,7 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
                 Ok(it) => {
                     let mine: Vec<Vec<f32>> = it.by_ref().take(prompts.len()).collect();
                     let mine = if norm {
-                        mine.into_iter().map(normalize).collect()
+                        mine.into_iter().map(l2_normalize).collect()
                     } else {
                         mine
                     };
@@ -324,23 +328,16 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
             })
             .collect();
         let refs: Vec<&str> = queries.iter().map(String::as_str).collect();
-        let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let mut results = run_model(m, "reason", "reasoning", started, || {
             emb.embed_queries(&refs, QueryMode::Reason)
-        }));
-        m.inference_time
-            .with_label_values(&["reason"])
-            .observe(started.elapsed().as_secs_f64());
-        let mut results = match out {
-            Ok(Ok(v)) => {
-                let generated: usize = v.iter().map(|e| e.generated_tokens).sum();
-                m.tokens
-                    .with_label_values(&["generated"])
-                    .inc_by(generated as u64);
-                Ok(v.into_iter())
-            }
-            Ok(Err(e)) => Err(format!("reasoning failed: {e}")),
-            Err(_) => Err("reasoning failed: the model panicked".to_string()),
-        };
+        })
+        .map(|v| {
+            let generated: usize = v.iter().map(|e| e.generated_tokens).sum();
+            m.tokens
+                .with_label_values(&["generated"])
+                .inc_by(generated as u64);
+            v.into_iter()
+        });
         for (i, j) in batch.into_iter().enumerate() {
             let Task::Reason { reply, .. } = j.task else {
                 unreachable!("batches hold one kind")
@@ -354,5 +351,47 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
             };
             let _ = reply.send(answer);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use search_r3_core::load::{load_embedder, EmbedderOptions};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_queue_answers_503() {
+        // The real SmolLM2, as in tests/http.rs: fetched by CI, skipped locally when absent.
+        if search_r3_model::fetch::cached_path("smollm2").is_none()
+            && std::env::var_os("CI").is_none()
+        {
+            eprintln!("SKIP: smollm2 not fetched");
+            return;
+        }
+        let (e, _) =
+            load_embedder("smollm2", &EmbedderOptions::default()).expect("loading smollm2");
+        let e = Arc::new(e);
+        let prompt = e.document_prompt("hello").unwrap().ids;
+        let q = Queue::start(
+            e,
+            &Limits {
+                batching: true,
+                max_batch_tokens: 1024,
+                max_batch_requests: 8,
+                max_concurrent_requests: 4,
+                workers: 2,
+                ..Limits::default()
+            },
+            Arc::new(Metrics::new()),
+        );
+        assert_eq!(q.alive(), 2);
+        let (v, t) = q.embed(vec![prompt.clone()], true).await.unwrap();
+        assert_eq!(v[0].len(), 576);
+        assert_eq!(t.batch_requests, 1);
+        q.shutdown().await;
+        assert_eq!(q.alive(), 0);
+        let err = q.embed(vec![prompt], true).await.unwrap_err();
+        assert_eq!(err.status.as_u16(), 503);
+        assert_eq!(err.error_type, "unhealthy");
     }
 }

@@ -11,15 +11,15 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use search_r3_core::corpus::Document;
+use search_r3_core::embedder::QueryEmbedding;
 use search_r3_core::searcher::Searcher;
-use search_r3_core::QueryEmbedding;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 /// `Json` whose rejections (bad JSON, wrong types, body over the limit) come back in our
 /// error shape.
-pub struct ApiJson<T>(pub T);
+pub(crate) struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
@@ -47,8 +47,8 @@ impl AppState {
     /// with `--auto-truncate`).
     fn cut(&self, truncate: Option<bool>, direction: Option<TruncationDirection>) -> Cut {
         Cut {
-            limit: self.opts.max_input_length,
-            truncate: truncate.unwrap_or(self.opts.auto_truncate),
+            limit: self.max_input_length,
+            truncate: truncate.unwrap_or(self.opts.limits.auto_truncate),
             direction: direction.unwrap_or_default(),
         }
     }
@@ -110,10 +110,10 @@ impl AppState {
         if n == 0 {
             return Err(ApiError::empty(format!("`{field}` is empty")));
         }
-        if n > self.opts.max_client_batch_size {
+        if n > self.opts.limits.max_client_batch_size {
             return Err(ApiError::too_large(format!(
                 "batch size {n} > maximum allowed batch size {} (`{field}`)",
-                self.opts.max_client_batch_size
+                self.opts.limits.max_client_batch_size
             )));
         }
         Ok(())
@@ -148,6 +148,28 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::backend(format!("index task failed: {e}")))?
 }
 
+/// Changes the index under its write lock on a blocking thread; `change` returns its result
+/// and whether the index changed, which saves it. Returns the result and the live document
+/// count. A failed change may have reached memory, so it marks the index for a save at
+/// shutdown.
+async fn update_index<T: Send + 'static>(
+    state: Arc<AppState>,
+    change: impl FnOnce(&mut Searcher) -> anyhow::Result<(T, bool)> + Send + 'static,
+) -> Result<(T, usize), ApiError> {
+    blocking(move || {
+        let mut guard = write(state.searcher()?);
+        let (out, changed) = change(&mut guard).map_err(|e| {
+            state.dirty.store(true, Ordering::SeqCst);
+            ApiError::backend(format!("index update failed: {e}"))
+        })?;
+        if changed {
+            state.persist(&mut guard)?;
+        }
+        Ok((out, guard.len()))
+    })
+    .await
+}
+
 /// Embed text(s) as TEI does.
 #[utoipa::path(post, path = "/embed", request_body = EmbedRequest,
     responses(
@@ -159,7 +181,7 @@ async fn blocking<T: Send + 'static>(
         (status = 429, description = "Queue full", body = ErrorBody),
         (status = 503, description = "Model workers stopped", body = ErrorBody),
     ))]
-pub async fn embed(
+pub(crate) async fn embed(
     s: St,
     ApiJson(req): ApiJson<EmbedRequest>,
 ) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
@@ -185,7 +207,7 @@ pub async fn embed(
         (status = 422, description = "Malformed request, token id out of range, or `dimensions` other than the model's", body = ErrorBody),
         (status = 429, description = "Queue full", body = ErrorBody),
     ))]
-pub async fn openai_embeddings(
+pub(crate) async fn openai_embeddings(
     s: St,
     ApiJson(req): ApiJson<OpenAiRequest>,
 ) -> Result<Json<OpenAiResponse>, ApiError> {
@@ -255,7 +277,7 @@ pub async fn openai_embeddings(
         (status = 422, description = "Malformed request or `k` out of range", body = ErrorBody),
         (status = 429, description = "Queue full", body = ErrorBody),
     ))]
-pub async fn search(
+pub(crate) async fn search(
     s: St,
     ApiJson(req): ApiJson<SearchRequest>,
 ) -> Result<Json<SearchResponse>, ApiError> {
@@ -263,10 +285,10 @@ pub async fn search(
     s.searcher()?;
     let k = req.k.unwrap_or(10);
     let reason = req.reason.unwrap_or(false);
-    if k == 0 || k > s.opts.max_k {
+    if k == 0 || k > s.opts.limits.max_k {
         return Err(ApiError::invalid(format!(
             "`k` is {k}, expected 1..={}",
-            s.opts.max_k
+            s.opts.limits.max_k
         )));
     }
     if req.query.trim().is_empty() {
@@ -281,11 +303,11 @@ pub async fn search(
     )?;
     let (e, timing) = if reason {
         // The reasoning prompt is built from text: a truncated query is decoded back.
-        let text = if ids[0].len() > s.opts.max_input_length {
+        let text = if ids[0].len() > s.max_input_length {
             s.embedder
                 .model
                 .tokenizer
-                .decode(&ids[0][..s.opts.max_input_length], false)
+                .decode(&ids[0][..s.max_input_length], false)
                 .map_err(|e| ApiError::tokenizer(format!("`query`: {e}")))?
         } else {
             req.query.clone()
@@ -351,7 +373,7 @@ pub async fn search(
         (status = 422, description = "Malformed request, empty or repeated id", body = ErrorBody),
         (status = 429, description = "Queue full", body = ErrorBody),
     ))]
-pub async fn upsert(
+pub(crate) async fn upsert(
     s: St,
     ApiJson(req): ApiJson<UpsertRequest>,
 ) -> Result<Json<UpsertResponse>, ApiError> {
@@ -389,16 +411,10 @@ pub async fn upsert(
     let truncated = ids.iter().filter(|t| t.len() > cut.limit).count();
     let (prompts, _) = s.prompts(ids, cut, PromptName::Document, "documents")?;
     let (vectors, _) = s.queue.embed(prompts, true).await?;
-    let state = s.0.clone();
     let upserted = docs.len();
-    let documents = blocking(move || {
-        let mut guard = write(state.searcher()?);
-        guard.upsert_vectors(docs, &vectors).map_err(|e| {
-            state.dirty.store(true, Ordering::SeqCst);
-            ApiError::backend(format!("index update failed: {e}"))
-        })?;
-        state.persist(&mut guard)?;
-        Ok(guard.len())
+    let ((), documents) = update_index(s.0.clone(), move |index| {
+        index.upsert_vectors(docs, &vectors)?;
+        Ok(((), true))
     })
     .await?;
     Ok(Json(UpsertResponse {
@@ -417,7 +433,7 @@ pub async fn upsert(
         (status = 404, description = "The server has no index", body = ErrorBody),
         (status = 422, description = "Malformed request", body = ErrorBody),
     ))]
-pub async fn delete(
+pub(crate) async fn delete(
     s: St,
     ApiJson(req): ApiJson<DeleteRequest>,
 ) -> Result<Json<DeleteResponse>, ApiError> {
@@ -425,18 +441,11 @@ pub async fn delete(
     if req.ids.is_empty() {
         return Err(ApiError::empty("`ids` is empty"));
     }
-    let state = s.0.clone();
     let n = req.ids.len();
-    let (missing, documents) = blocking(move || {
-        let mut guard = write(state.searcher()?);
-        let missing = guard.remove(&req.ids).map_err(|e| {
-            state.dirty.store(true, Ordering::SeqCst);
-            ApiError::backend(format!("index update failed: {e}"))
-        })?;
-        if missing.len() < n {
-            state.persist(&mut guard)?;
-        }
-        Ok((missing, guard.len()))
+    let (missing, documents) = update_index(s.0.clone(), move |index| {
+        let missing = index.remove(&req.ids)?;
+        let changed = missing.len() < n;
+        Ok((missing, changed))
     })
     .await?;
     Ok(Json(DeleteResponse {
@@ -454,7 +463,7 @@ pub async fn delete(
         (status = 413, description = "Too many inputs", body = ErrorBody),
         (status = 422, description = "Malformed request or untokenizable text", body = ErrorBody),
     ))]
-pub async fn tokenize(
+pub(crate) async fn tokenize(
     s: St,
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Vec<Vec<SimpleToken>>>, ApiError> {
@@ -490,7 +499,7 @@ pub async fn tokenize(
 
 /// What the server runs and its limits.
 #[utoipa::path(get, path = "/info", responses((status = 200, body = Info)))]
-pub async fn info(s: St) -> Json<Info> {
+pub(crate) async fn info(s: St) -> Json<Info> {
     let mut info = s.info.clone();
     if let Some(i) = info.index.as_mut() {
         // The gauge follows every saved write; reading it never waits for an index save.
@@ -502,7 +511,7 @@ pub async fn info(s: St) -> Json<Info> {
 /// 200 while the model workers run, 503 otherwise. Needs no API key.
 #[utoipa::path(get, path = "/health",
     responses((status = 200, body = Health), (status = 503, body = ErrorBody)))]
-pub async fn health(s: St) -> Result<Json<Health>, ApiError> {
+pub(crate) async fn health(s: St) -> Result<Json<Health>, ApiError> {
     let workers = s.queue.alive();
     if workers == 0 || s.closing.load(Ordering::SeqCst) {
         return Err(ApiError::unhealthy("the model workers are not running"));
@@ -515,7 +524,7 @@ pub async fn health(s: St) -> Result<Json<Health>, ApiError> {
 
 /// Prometheus metrics (text exposition format).
 #[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
-pub async fn metrics(s: St) -> Response {
+pub(crate) async fn metrics(s: St) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),
@@ -524,11 +533,11 @@ pub async fn metrics(s: St) -> Response {
 }
 
 /// Unknown routes get the error shape too.
-pub async fn not_found() -> ApiError {
+pub(crate) async fn not_found() -> ApiError {
     ApiError::not_found("no such route; see /openapi.json")
 }
 
 /// The OpenAPI document.
-pub async fn openapi() -> Response {
+pub(crate) async fn openapi() -> Response {
     (StatusCode::OK, Json(crate::openapi_doc())).into_response()
 }

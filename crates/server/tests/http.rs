@@ -4,8 +4,8 @@
 
 use base64::Engine;
 use reqwest::StatusCode;
-use search_r3_core::searcher::EmbedderOptions;
-use search_r3_server::{Backend, ServeOptions, Server};
+use search_r3_core::load::EmbedderOptions;
+use search_r3_server::{Backend, Limits, ServeOptions, Server};
 use serde_json::{json, Value};
 use std::path::Path;
 use tokio::sync::oneshot;
@@ -32,6 +32,13 @@ fn local_opts() -> ServeOptions {
     ServeOptions {
         addr: "127.0.0.1:0".parse().unwrap(),
         ..ServeOptions::default()
+    }
+}
+
+fn with_limits(limits: Limits) -> ServeOptions {
+    ServeOptions {
+        limits,
+        ..local_opts()
     }
 }
 
@@ -441,13 +448,13 @@ async fn every_error_code() {
     let dir = tempfile::tempdir().unwrap();
     let s = start(
         Some(&dir.path().join("index")),
-        ServeOptions {
+        with_limits(Limits {
             max_client_batch_size: 4,
-            max_input_length: 16,
+            max_input_length: Some(16),
             payload_limit: 4096,
             max_k: 50,
-            ..local_opts()
-        },
+            ..Limits::default()
+        }),
     )
     .await;
     let long = "word ".repeat(40);
@@ -666,10 +673,10 @@ async fn a_full_queue_answers_429_and_shutdown_finishes_in_flight_requests() {
     }
     let s = start(
         None,
-        ServeOptions {
+        with_limits(Limits {
             max_concurrent_requests: 1,
-            ..local_opts()
-        },
+            ..Limits::default()
+        }),
     )
     .await;
     // One job runs, one waits, the rest are refused at once.
@@ -782,47 +789,13 @@ async fn queued_requests_share_a_forward_pass_only_with_batching_on() {
 
     let s = start(
         Some(&dir.path().join("off")),
-        ServeOptions {
+        with_limits(Limits {
             batching: false,
-            ..local_opts()
-        },
+            ..Limits::default()
+        }),
     )
     .await;
     let sizes = batch_sizes_behind_a_slow_request(&s, 6).await;
     assert!(sizes.iter().all(|&b| b == 1), "batching off: {sizes:?}");
     s.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_queue_answers_503() {
-    use search_r3_server::metrics::Metrics;
-    use search_r3_server::queue::{BatchConfig, Queue};
-    use std::sync::Arc;
-    if !model_available() {
-        return;
-    }
-    let (e, _) = search_r3_core::searcher::load_embedder("smollm2", &EmbedderOptions::default())
-        .expect("loading smollm2");
-    let e = Arc::new(e);
-    let prompt = e.document_prompt("hello").unwrap().ids;
-    let q = Queue::start(
-        e,
-        BatchConfig {
-            batching: true,
-            max_batch_tokens: 1024,
-            max_batch_requests: 8,
-            queue_capacity: 4,
-            workers: 2,
-        },
-        Arc::new(Metrics::new()),
-    );
-    assert_eq!(q.alive(), 2);
-    let (v, t) = q.embed(vec![prompt.clone()], true).await.unwrap();
-    assert_eq!(v[0].len(), 576);
-    assert_eq!(t.batch_requests, 1);
-    q.shutdown().await;
-    assert_eq!(q.alive(), 0);
-    let err = q.embed(vec![prompt], true).await.unwrap_err();
-    assert_eq!(err.status.as_u16(), 503);
-    assert_eq!(err.error_type, "unhealthy");
 }
