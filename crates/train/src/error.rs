@@ -44,26 +44,6 @@ pub(crate) fn file_err(path: &std::path::Path, msg: impl std::fmt::Display) -> E
     }
 }
 
-/// Writes `bytes` to `.NAME.tmp` beside `path`, syncs it and renames it over `path`, so a reader
-/// never sees a half-written file; on failure the temporary file is removed.
-pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let name = path
-        .file_name()
-        .ok_or_else(|| file_err(path, "not a file path"))?;
-    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| file_err(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| file_err(&tmp, e))?;
-        f.sync_all().map_err(|e| file_err(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 /// Result alias for the training crate.
 pub type Result<T> = std::result::Result<T, Error>;
 

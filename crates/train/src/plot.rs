@@ -9,11 +9,12 @@
 //! (`assets/DejaVuSans.ttf`, license in `assets/DejaVu-LICENSE.txt`), so plotting needs no
 //! fontconfig or freetype on the machine.
 
-use crate::error::{file_err, write_atomic, Error, Result};
+use crate::error::{file_err, Error, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle};
+use search_r3_model::files::write_atomic;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -93,7 +94,7 @@ pub fn plot_metrics(metrics: &Path, out: &Path, title: &str) -> Result<()> {
         root.present().map_err(|e| file_err(out, e))?;
     }
     let png = encode_png(&rgb, WIDTH, height).map_err(|e| file_err(out, e))?;
-    write_atomic(out, &png)
+    write_atomic(out, &png).map_err(|e| file_err(out, e))
 }
 
 /// Registers the bundled font with plotters once per process; plotters keeps a global table.

@@ -5,11 +5,11 @@
 
 mod common;
 
+use common::embed_unit;
 use common::tiny::{tiny_with_lora, Rng, EMBED};
 use search_r3_index::IndexKind;
 use search_r3_model::{LoraTarget, Model};
-use search_r3_train::embed_sequences;
-use search_r3_train::env::{kendall_tau_b, spearman, ProbeQuery, RefreshPolicy, RetrievalEnv};
+use search_r3_train::rl::env::{kendall_tau_b, spearman, ProbeQuery, RefreshPolicy, RetrievalEnv};
 
 fn corpus(n: usize, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = Rng::new(seed);
@@ -39,7 +39,7 @@ fn update(m: &Model, seed: u64, scale: f32) {
 }
 
 fn fresh(m: &Model, prompts: &[Vec<u32>], doc: usize) -> Vec<f32> {
-    embed_sequences(m, &[prompts[doc].clone()], 0, 256)
+    embed_unit(m, &[prompts[doc].clone()], 0, 256)
         .unwrap()
         .remove(0)
 }
@@ -253,4 +253,49 @@ fn bad_input_is_refused() {
         .unwrap_err()
         .to_string()
         .contains("outside"));
+}
+
+/// The environment's vector for a document is the vector `index`, `eval` and `serve` compute
+/// for it: both come from `search_r3_core::embedder::embed_at_token`, so with the same batch
+/// budget they are bit-identical (real default model; skipped locally when it is not fetched).
+#[test]
+fn environment_vectors_equal_the_served_document_vectors() {
+    let Some(m) = search_r3_model::known_model_for_tests("smollm2") else {
+        return;
+    };
+    let templates = search_r3_core::templates::Templates::for_arch(m.model.config.arch);
+    let mut embedder = search_r3_core::embedder::Embedder::new(m, templates, 64).unwrap();
+    let budget = 512;
+    embedder.batch_tokens = budget;
+    let texts = [
+        "Aspirin irreversibly inhibits cyclooxygenase.",
+        "The mitochondrion is the powerhouse of the cell, producing most of its ATP.",
+        "shutil.rmtree(path) deletes an entire directory tree.",
+        "Vitamin D deficiency is associated with an increased risk of fractures in older adults, \
+         according to several cohort studies.",
+    ];
+    let (served, _) = embedder.embed_documents(&texts).unwrap();
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| embedder.document_prompt(t).unwrap().ids)
+        .collect();
+    let pad = embedder.model.tokenizer.pad_id;
+    let env = RetrievalEnv::new(
+        &embedder.model.model,
+        prompts,
+        pad,
+        budget,
+        IndexKind::Exact,
+        RefreshPolicy::Never,
+    )
+    .unwrap();
+    // What a served index holds for those vectors (indexes store their own unit copy).
+    let mut index = search_r3_index::ExactIndex::new(embedder.dim()).unwrap();
+    for (d, v) in served.iter().enumerate() {
+        search_r3_index::VectorIndex::upsert(&mut index, d as u64, v).unwrap();
+    }
+    for d in 0..texts.len() {
+        let want = search_r3_index::VectorIndex::get(&index, d as u64).unwrap();
+        assert_eq!(env.stored(d).unwrap(), want, "document {d}");
+    }
 }

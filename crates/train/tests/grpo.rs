@@ -3,7 +3,7 @@
 //! clipped GRPO objective with its k3 KL penalty — values and gradients.
 
 use candle_core::{Device, Tensor, Var};
-use search_r3_train::grpo::{
+use search_r3_train::rl::grpo::{
     dcg_reward, group_advantages, grpo_loss, GrpoLossConfig, RewardConfig,
 };
 

@@ -6,9 +6,10 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use search_r3_train::losses::MIN_TAU;
-use search_r3_train::{
-    cross_entropy, info_nce, kl_k3, kl_to_reference, token_log_probs, triplet, Error, SftLossConfig,
+use search_r3_train::losses::{
+    cross_entropy, info_nce, kl_k3, kl_to_reference, token_log_probs, triplet, SftLossConfig,
 };
+use search_r3_train::Error;
 
 const SQRT_HALF: f64 = std::f64::consts::FRAC_1_SQRT_2;
 

@@ -7,7 +7,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use common::*;
-use search_r3_train::{clip_grad_norm, AdamW, AdamWConfig, Error, GradAccumulator, LrSchedule};
+use search_r3_train::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule};
+use search_r3_train::Error;
 use std::collections::HashMap;
 
 fn close(a: f64, b: f64, tol: f64) {

@@ -1,7 +1,7 @@
 //! `plot_metrics`: a realistic run renders to a legible PNG, degenerate series do not panic,
 //! bad input is reported with its file and line, and the write is atomic.
 
-use search_r3_train::plot_metrics;
+use search_r3_train::plot::plot_metrics;
 use std::collections::HashSet;
 use std::path::Path;
 

@@ -7,9 +7,9 @@ mod common;
 use common::tiny::{tiny_with_lora, tokenizer, Rng, ASSISTANT, EMBED};
 use search_r3_index::IndexKind;
 use search_r3_model::{LoraTarget, Model};
-use search_r3_train::env::{RefreshPolicy, RetrievalEnv};
+use search_r3_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use search_r3_train::rl::env::{RefreshPolicy, RetrievalEnv};
 use search_r3_train::rl::{rl_gradients, rollout, touched_documents, RlQuery, RlStepConfig};
-use search_r3_train::{clip_grad_norm, AdamW, AdamWConfig};
 
 fn model(seed: u64) -> Model {
     tiny_with_lora(seed, &[LoraTarget::Q, LoraTarget::V, LoraTarget::Down], 2)
@@ -73,8 +73,7 @@ fn every_trainable_tensor_gets_a_finite_nonzero_gradient() {
         assert_eq!(r.emitted, r.tokens.last() == Some(&EMBED));
         assert_eq!(r.sequence.last(), Some(&EMBED));
         // The embedding is what the environment would compute for this sequence.
-        let fresh = search_r3_train::embed_sequences(&m, std::slice::from_ref(&r.sequence), 0, 256)
-            .unwrap();
+        let fresh = common::embed_unit(&m, std::slice::from_ref(&r.sequence), 0, 256).unwrap();
         let d = fresh[0]
             .iter()
             .zip(&r.embedding)

@@ -8,7 +8,10 @@ use common::tiny::{tiny_base, tiny_with_lora, tokenizer, Rng, ASSISTANT, EMBED};
 use common::{assert_same_trainable, metric_lines};
 use search_r3_index::IndexKind;
 use search_r3_model::{Batch, LoraTarget, Model, Path as Fwd};
-use search_r3_train::{train_rl, RefreshPolicy, RlConfig, RlData, RlQuery, TrainOptions};
+use search_r3_train::rl::env::RefreshPolicy;
+use search_r3_train::rl::{train_rl, RlConfig, RlData, RlQuery};
+use search_r3_train::run::config::RunConfig;
+use search_r3_train::run::TrainOptions;
 use std::path::Path;
 
 /// "The embedding is <|embed_token|>" in the tiny vocabulary.

@@ -6,10 +6,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::tiny::{tiny_base, Rng, ASSISTANT, EMBED};
 use search_r3_model::{Batch, LoraConfig, LoraTarget, Model, Path};
-use search_r3_train::{
-    cross_entropy, info_nce, kl_to_reference, sft_gradients, triplet, AdamW, AdamWConfig, SftBatch,
-    SftExample, SftLossConfig,
-};
+use search_r3_train::losses::{cross_entropy, info_nce, kl_to_reference, triplet, SftLossConfig};
+use search_r3_train::optim::{AdamW, AdamWConfig};
+use search_r3_train::sft::{sft_gradients, SftBatch, SftExample};
 use std::time::Instant;
 
 /// 2 blocks, d=32, 4 heads / 2 KV heads of width 8, ff=64, 64 tokens + `<|embed_token|>`,

@@ -3,13 +3,13 @@
 
 mod common;
 
+use common::embed_unit;
 use common::tiny::{tiny_base, Rng, ASSISTANT, EMBED};
 use common::{assert_same_trainable, metric_lines, trainable};
 use search_r3_model::{LoraTarget, Model};
-use search_r3_train::{
-    embed_sequences, train_sft, EvalHook, LoraSection, SftConfig, TrainData, TrainOptions,
-    TrainQuery,
-};
+use search_r3_train::run::config::{LoraSection, RunConfig};
+use search_r3_train::run::TrainOptions;
+use search_r3_train::sft::{train_sft, EvalHook, SftConfig, TrainData, TrainQuery};
 use std::path::Path;
 
 /// The base model; the trainer attaches the adapters.
@@ -83,8 +83,8 @@ impl EvalHook for MeanPositiveCosine {
             .iter()
             .map(|q| self.0.docs[q.positives[0]].clone())
             .collect();
-        let q = embed_sequences(model, &qs, 0, 64)?;
-        let d = embed_sequences(model, &ds, 0, 64)?;
+        let q = embed_unit(model, &qs, 0, 64)?;
+        let d = embed_unit(model, &ds, 0, 64)?;
         let cos: f64 = q
             .iter()
             .zip(&d)

@@ -12,9 +12,9 @@
 //!
 //! Documents are addressed by their position in the prompt list (key = position).
 
+use super::grpo::dcg_reward;
 use crate::error::{invalid, Result};
-use crate::grpo::dcg_reward;
-use crate::trainer::embed_sequences;
+use crate::forward::embed_unit;
 use search_r3_index::{
     load_index_with_files, save_index_with_files, AnyIndex, ExactIndex, HnswParams, IndexKind,
     IndexMeta, VectorIndex,
@@ -122,7 +122,7 @@ impl RetrievalEnv {
         policy: RefreshPolicy,
     ) -> Result<Self> {
         check_corpus_and_policy(&prompts, policy)?;
-        let vectors = embed_sequences(model, &prompts, pad_id, micro_tokens)?;
+        let vectors = embed_unit(model, &prompts, pad_id, micro_tokens)?;
         Self::from_vectors(prompts, &vectors, pad_id, micro_tokens, kind, policy)
     }
 
@@ -236,7 +236,7 @@ impl RetrievalEnv {
     /// A fresh encoding of the whole corpus by `model` (row `i` = document `i`): what the
     /// measurements compare the stored vectors with. One corpus pass.
     pub fn encode_all(&self, model: &Model) -> Result<Vec<Vec<f32>>> {
-        embed_sequences(model, &self.prompts, self.pad_id, self.micro_tokens)
+        embed_unit(model, &self.prompts, self.pad_id, self.micro_tokens)
     }
 
     /// Number of documents.
@@ -359,7 +359,7 @@ impl RetrievalEnv {
             return Ok(());
         }
         let prompts: Vec<Vec<u32>> = docs.iter().map(|&d| self.prompts[d].clone()).collect();
-        let vectors = embed_sequences(model, &prompts, self.pad_id, self.micro_tokens)?;
+        let vectors = embed_unit(model, &prompts, self.pad_id, self.micro_tokens)?;
         let keys: Vec<u64> = docs.iter().map(|&d| d as u64).collect();
         self.index
             .upsert_batch(&keys, &vectors.concat())
@@ -376,7 +376,7 @@ impl RetrievalEnv {
     pub fn drift(&self, model: &Model, probe: &[usize]) -> Result<Drift> {
         let stale = self.stale_among(probe);
         let prompts: Vec<Vec<u32>> = stale.iter().map(|&d| self.prompts[d].clone()).collect();
-        let fresh = embed_sequences(model, &prompts, self.pad_id, self.micro_tokens)?;
+        let fresh = embed_unit(model, &prompts, self.pad_id, self.micro_tokens)?;
         Ok(self.drift_of(&stale, &fresh))
     }
 

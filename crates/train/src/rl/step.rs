@@ -16,15 +16,15 @@
 //! makes likelier; the InfoNCE term moves it directly, which the issue asks for ("the loss
 //! trains the embedding itself") and GRPO's token objective cannot provide.
 
-use crate::env::RetrievalEnv;
+use super::env::RetrievalEnv;
+use super::grpo::{group_advantages, grpo_loss, GrpoLossConfig, GrpoStats, Reward, RewardConfig};
 use crate::error::{invalid, Result};
-use crate::grpo::{group_advantages, grpo_loss, GrpoLossConfig, GrpoStats, Reward, RewardConfig};
+use crate::forward::{embed_unit, encode, micro_batches, rows, scalar, with_reference};
 use crate::losses::{info_nce, token_log_probs};
 use crate::optim::GradAccumulator;
-use crate::sft::{encode, micro_batches, rows, scalar, with_reference};
-use crate::trainer::{embed_sequences, unit};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
+use search_r3_index::l2_normalize;
 use search_r3_model::{generate, GenerationConfig, Model, Path, StopReason, TextTokenizer};
 use serde::{Deserialize, Serialize};
 
@@ -257,14 +257,14 @@ pub fn reason_and_embed(
     let mut forced_vecs = if forced_seqs.is_empty() {
         Vec::new()
     } else {
-        embed_sequences(model, &forced_seqs, tok.pad_id, micro_tokens)?
+        embed_unit(model, &forced_seqs, tok.pad_id, micro_tokens)?
     }
     .into_iter();
     let mut out = Vec::with_capacity(gens.len());
     for (g, sequence) in gens.into_iter().zip(sequences) {
         let emitted = g.stop == StopReason::EmbedToken;
         let embedding = match (&g.hidden, emitted) {
-            (Some(h), true) => unit(h.to_dtype(DType::F32)?.to_vec1()?),
+            (Some(h), true) => l2_normalize(h.to_dtype(DType::F32)?.to_vec1()?),
             _ => forced_vecs.next().expect("one vector per forced row"),
         };
         out.push(Trajectory {

@@ -23,29 +23,30 @@
 //! * `best.safetensors`, `final.safetensors`, `adapter.safetensors` (the best-eval state),
 //!   `manifest.json`, `curves.png`.
 
-use crate::env::{exact_index, exact_reward, ProbeQuery, RefreshPolicy, RetrievalEnv};
-use crate::error::{file_err, invalid, write_atomic, Error, Result};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
-use crate::rl::{
+use super::env::{exact_index, exact_reward, ProbeQuery, RefreshPolicy, RetrievalEnv};
+use super::step::{
     reason_and_embed, rl_gradients, rollout, touched_documents, RlQuery, RlStats, RlStepConfig,
+    Rollout,
 };
-use crate::trainer::{
-    checksums, config_from_toml, config_hash, embed_sequences, epoch_order, fmt_duration, log_line,
-    plot_curves, read_checkpoint_state, sha256_file, swap_in_checkpoint, truncate_metrics,
-    BestEval, CheckpointKind, Cursor, LoraSection, Stream, TrainOptions, ADAPTER, CKPT, METRICS,
-    OPTIMIZER, STATE,
-};
+use crate::error::{invalid, Error, Result};
+use crate::forward::embed_unit;
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::run::checkpoint::{self, ADAPTER, OPTIMIZER, RL_CHECKPOINT};
+use crate::run::config::{finite, positive, LoraSection, RunConfig};
+use crate::run::data::{Cursor, Epochs, Stream};
+use crate::run::finish::finish;
+use crate::run::log::{MetricsLog, Pace};
+use crate::run::{BestEval, Stop, TrainOptions};
+use candle_core::Var;
 use search_r3_core::metrics::evaluate_query;
 use search_r3_index::{IndexKind, VectorIndex};
-use search_r3_model::lora::Lora;
 use search_r3_model::state::{load_trainable, save_trainable};
-use search_r3_model::{GenerationConfig, Model, TextTokenizer};
+use search_r3_model::{GenerationConfig, Lora, Model, TextTokenizer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::path::Path;
 use std::time::Instant;
 
 /// Every setting of a stage-2 run, read from TOML (unknown keys are errors). Defaults are
@@ -133,59 +134,40 @@ impl Default for RlConfig {
     }
 }
 
-impl RlConfig {
-    /// Parses and validates TOML text; `origin` names it in errors.
-    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
-        config_from_toml(text, origin, Self::validate)
-    }
-
-    /// Reads a TOML file (see [`RlConfig::from_toml`]).
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e))?;
-        Self::from_toml(&text, &path.display().to_string())
-    }
-
-    /// Checks every field's range.
-    pub fn validate(&self) -> Result<()> {
+impl RunConfig for RlConfig {
+    fn validate(&self) -> Result<()> {
         self.adamw.validate()?;
         self.schedule()?;
         let r = &self.rollout;
-        for (name, v) in [
-            ("steps", self.steps),
-            ("queries_per_step", self.queries_per_step),
-            ("max_doc_tokens", self.max_doc_tokens),
-            ("max_query_tokens", self.max_query_tokens),
-            ("env_docs", self.env_docs),
-            ("lora.rank", self.lora.rank),
-            ("rollout.max_new_tokens", r.max_new_tokens),
-            ("rollout.micro_tokens", r.micro_tokens),
-            ("rollout.reward.top_k", r.reward.top_k),
-        ] {
-            if v == 0 {
-                invalid!("rl config: `{name}` must be > 0");
-            }
-        }
+        positive(
+            "rl",
+            &[
+                ("steps", self.steps),
+                ("queries_per_step", self.queries_per_step),
+                ("max_doc_tokens", self.max_doc_tokens),
+                ("max_query_tokens", self.max_query_tokens),
+                ("env_docs", self.env_docs),
+                ("rollout.max_new_tokens", r.max_new_tokens),
+                ("rollout.micro_tokens", r.micro_tokens),
+                ("rollout.reward.top_k", r.reward.top_k),
+            ],
+        )?;
+        self.lora.validate("rl")?;
         if r.group_size < 2 {
             invalid!("rl config: `rollout.group_size` must be at least 2 (advantages compare a query's trajectories)");
         }
-        for (name, v, zero_ok) in [
-            ("clip_norm", self.clip_norm, false),
-            ("lora.alpha", self.lora.alpha, false),
-            ("rollout.temperature", r.temperature, false),
-            ("rollout.tau", r.tau, false),
-            ("rollout.lambda_nce", r.lambda_nce, true),
-            ("rollout.loss.beta", r.loss.beta, true),
-            ("rollout.loss.clip_low", r.loss.clip_low, true),
-            ("rollout.loss.clip_high", r.loss.clip_high, true),
-        ] {
-            if !(v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0))) {
-                let want = if zero_ok { ">= 0" } else { "> 0" };
-                invalid!("rl config: `{name}` must be finite and {want}, got {v}");
-            }
-        }
-        if self.lora.targets.is_empty() {
-            invalid!("rl config: `lora.targets` is empty");
-        }
+        finite(
+            "rl",
+            &[
+                ("clip_norm", self.clip_norm, false),
+                ("rollout.temperature", r.temperature, false),
+                ("rollout.tau", r.tau, false),
+                ("rollout.lambda_nce", r.lambda_nce, true),
+                ("rollout.loss.beta", r.loss.beta, true),
+                ("rollout.loss.clip_low", r.loss.clip_low, true),
+                ("rollout.loss.clip_high", r.loss.clip_high, true),
+            ],
+        )?;
         let mut names = std::collections::BTreeSet::new();
         for p in std::iter::once(&self.refresh).chain(&self.baselines) {
             if let RefreshPolicy::Local { budget: 0, .. } = p {
@@ -201,15 +183,12 @@ impl RlConfig {
         }
         Ok(())
     }
+}
 
+impl RlConfig {
     /// The learning-rate schedule.
     pub fn schedule(&self) -> Result<LrSchedule> {
         LrSchedule::new(self.warmup_steps, self.steps, self.lr, self.min_lr)
-    }
-
-    /// sha256 of the canonical JSON; a checkpoint resumes only under the same hash.
-    pub fn hash(&self) -> String {
-        config_hash(self)
     }
 }
 
@@ -390,6 +369,16 @@ struct Window {
     fraction: Vec<f64>,
 }
 
+impl Window {
+    /// An empty window over `envs` environments.
+    fn new(envs: usize) -> Self {
+        Window {
+            steps: 0,
+            fraction: vec![0.0; envs],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RlState {
@@ -408,8 +397,6 @@ struct RlState {
     files: BTreeMap<String, String>,
 }
 
-const RL_FORMAT: &str = "search-r3-rl-checkpoint-1";
-pub(crate) const RL_STATE: &str = "rl_state.json";
 const ENV_DIR: &str = "env";
 
 fn baseline_dir(i: usize) -> String {
@@ -463,195 +450,207 @@ pub fn train_rl(
     base: Option<&Lora>,
     opts: &TrainOptions,
 ) -> Result<RlSummary> {
+    // Setup, or resume from the checkpoint (environment included).
     cfg.validate()?;
     data.validate()?;
     if model.lora.is_some() {
         invalid!("train_rl: the model already has LoRA adapters; fold them in with merge_lora and pass them as `base`");
     }
-    let b = cfg.queries_per_step;
     let n = data.queries.len();
-    if n < b {
-        invalid!("rl data has {n} training queries, fewer than queries_per_step = {b}");
+    if n < cfg.queries_per_step {
+        invalid!(
+            "rl data has {n} training queries, fewer than queries_per_step = {}",
+            cfg.queries_per_step
+        );
     }
-    let schedule = cfg.schedule()?;
     let out = opts.out.as_path();
-    std::fs::create_dir_all(out).map_err(|e| file_err(out, e))?;
-    let metrics_path = out.join(METRICS);
-    let micro = cfg.rollout.micro_tokens;
-    let pad = data.pad_id;
-
+    std::fs::create_dir_all(out).map_err(|e| crate::error::file_err(out, e))?;
     let base_hash = policy_base_hash(base, &opts.adapter_metadata)?;
     model.add_lora(cfg.lora.config(), cfg.lora.seed)?;
     model.lora_enabled = true;
-    let envs = 1 + cfg.baselines.len();
-    let (mut state, mut env, mut baselines) = if opts.resume {
-        let (s, dir) = read_rl_checkpoint(out)?;
-        let state_path = dir.join(RL_STATE);
-        if s.config_hash != cfg.hash() {
-            return Err(file_err(
-                &state_path,
-                "checkpoint was written with a different config (hash mismatch); resume with the same config",
-            ));
-        }
-        if s.data_hash != data.hash() {
-            return Err(file_err(
-                &state_path,
-                "checkpoint was written for different data (hash mismatch)",
-            ));
-        }
-        if s.base_hash != base_hash {
-            return Err(file_err(
-                &state_path,
-                "checkpoint was written on a different base model or stage-1 adapter; resume with the same --model and --adapter",
-            ));
-        }
-        load_trainable(model, &dir.join(ADAPTER))?;
-        let env = RetrievalEnv::load(&dir.join(ENV_DIR), data.docs.clone(), pad, micro)?;
-        let baselines = (0..cfg.baselines.len())
-            .map(|i| RetrievalEnv::load(&dir.join(baseline_dir(i)), data.docs.clone(), pad, micro))
-            .collect::<Result<Vec<_>>>()?;
-        truncate_metrics(&metrics_path, s.step)?;
-        (s, env, baselines)
-    } else {
-        if out.join(CKPT).exists() {
-            return Err(file_err(
-                &out.join(CKPT),
-                "a checkpoint already exists here: pass --resume to continue, or choose another output directory",
-            ));
-        }
-        std::fs::write(&metrics_path, b"").map_err(|e| file_err(&metrics_path, e))?;
-        let env = RetrievalEnv::new(model, data.docs.clone(), pad, micro, cfg.index, cfg.refresh)?;
-        let start = stored_vectors(&env);
-        let baselines = cfg
-            .baselines
-            .iter()
-            .map(|&p| {
-                RetrievalEnv::from_vectors(data.docs.clone(), &start, pad, micro, cfg.index, p)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let state = RlState {
-            format: RL_FORMAT.into(),
-            step: 0,
-            cursor: Cursor { epoch: 0, pos: 0 },
-            config_hash: cfg.hash(),
-            data_hash: data.hash(),
-            base_hash: base_hash.clone(),
-            best: None,
-            start_eval: None,
-            last: None,
-            window: Window {
-                steps: 0,
-                fraction: vec![0.0; envs],
-            },
-            files: BTreeMap::new(),
-        };
-        (state, env, baselines)
-    };
+    let (mut state, env, baselines) = start(model, data, cfg, base_hash, opts)?;
     let named = model.trainable_vars();
-    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
+    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(named, cfg.adamw)?;
     if opts.resume {
-        opt.load(&out.join(CKPT).join(OPTIMIZER))?;
+        opt.load(&out.join(checkpoint::CKPT).join(OPTIMIZER))?;
     }
-    let mut metrics = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| file_err(&metrics_path, e))?;
-    let probe = probe_docs(data.docs.len(), cfg.probe_docs, cfg.seed);
-    let say = |line: String| {
-        if opts.progress {
-            eprintln!("{line}");
-        }
+    let mut run = Run {
+        tok,
+        data,
+        cfg,
+        base,
+        opts,
+        log: MetricsLog::open(out, opts.resume.then_some(state.step))?,
+        probe: probe_docs(data.docs.len(), cfg.probe_docs, cfg.seed),
+        env,
+        baselines,
+        opt,
+        vars,
+        schedule: cfg.schedule()?,
+        epochs: Epochs::new(n, cfg.seed, state.cursor),
+        pace: Pace::new(state.step, cfg.steps),
+        skipped: 0,
     };
-
-    let evaluate = |model: &Model, docs: &[Vec<f32>]| {
-        evaluate_reasoning(
-            model,
-            tok,
-            &data.eval,
-            &data.forced_suffix,
-            docs,
-            &cfg.rollout,
-        )
-    };
-    let best_eval = |model: &Model,
-                     step: usize,
-                     e: &RlEval,
-                     best: &mut Option<BestEval>,
-                     metrics: &mut std::fs::File|
-     -> Result<()> {
-        log_line(
-            metrics,
-            &metrics_path,
-            &json!({"step": step, "eval": {
-                "ndcg@10": e.ndcg10, "reward": e.reward, "reward_ge_half": e.reward_ge_half,
-                "emitted": e.emitted, "length": e.length}}),
-        )?;
-        say(format!(
-            "step {step}: eval nDCG@10 {:.4} reward {:.3} (>= 0.5: {:.0}%) emitted {:.0}% length {:.1}",
-            e.ndcg10,
-            e.reward,
-            100.0 * e.reward_ge_half,
-            100.0 * e.emitted,
-            e.length
-        ));
-        if best.is_none_or(|b| e.ndcg10 > b.score) {
-            *best = Some(BestEval {
-                step,
-                score: e.ndcg10,
-            });
-            save_adapter(
-                model,
-                base,
-                &out.join("best.safetensors"),
-                &opts.adapter_metadata,
-            )?;
-        }
-        Ok(())
-    };
-
     if state.step == 0 && cfg.eval_every > 0 && !data.eval.is_empty() && state.start_eval.is_none()
     {
         // The starting policy, on the vectors the environment was just built with.
-        let e = evaluate(model, &stored_vectors(&env))?;
-        best_eval(model, 0, &e, &mut state.best, &mut metrics)?;
-        state.start_eval = Some(e);
+        let docs = stored_vectors(&run.env);
+        state.start_eval = Some(run.evaluate(model, 0, &docs, &mut state.best)?);
     }
 
-    let mut order = epoch_order(n, cfg.seed, state.cursor.epoch);
-    let mut skipped = 0;
-    let (mut stopped_early, mut interrupted) = (false, false);
-    let started = Instant::now();
-    let first_step = state.step;
+    let mut stop = Stop::default();
     while state.step < cfg.steps {
+        // One step: rollouts, gradient, update, refresh.
+        let (batch, rollouts) = run.step(model, &mut state)?;
+
+        // Measure the environment, evaluate, checkpoint, stop.
+        let last = state.step == cfg.steps;
+        let step = state.step;
+        let due = |every: usize| every > 0 && (last || step % every == 0);
+        let eval_due = due(cfg.eval_every) && !data.eval.is_empty();
+        let measure_due = due(cfg.measure_every);
+        if eval_due || measure_due {
+            let fresh = run.env.encode_all(model)?;
+            if measure_due {
+                let queries = reembed(
+                    model,
+                    &batch,
+                    &rollouts,
+                    data.pad_id,
+                    cfg.rollout.micro_tokens,
+                )?;
+                let window =
+                    std::mem::replace(&mut state.window, Window::new(1 + run.baselines.len()));
+                run.measure(step, &fresh, &queries, &window)?;
+            }
+            if eval_due {
+                run.evaluate(model, step, &fresh, &mut state.best)?;
+            }
+        }
+        let interrupted = opts.interrupted(last);
+        if last || due(cfg.checkpoint_every) || interrupted {
+            run.checkpoint(model, &mut state)?;
+        }
+        if eval_due || measure_due || interrupted {
+            run.log.plot();
+        }
+        if interrupted {
+            run.say(format!(
+                "interrupted: checkpoint written at step {step}; continue with --resume"
+            ));
+            stop = Stop {
+                early: true,
+                interrupted: true,
+            };
+            break;
+        }
+        if opts.stops_after(step, last) {
+            stop.early = true;
+            break;
+        }
+    }
+    let summary = RlSummary {
+        step: state.step,
+        stopped_early: stop.early,
+        interrupted: stop.interrupted,
+        skipped_steps: run.skipped,
+        last: state.last,
+        start_eval: state.start_eval,
+        best: state.best,
+    };
+    if stop.early {
+        return Ok(summary);
+    }
+
+    // Finish: final state, best adapter (stacked on the stage-1 adapter), manifest.
+    let mut fields = serde_json::Map::new();
+    fields.insert("format".into(), "search-r3-rl-adapter".into());
+    fields.insert("stacked_on_base_adapter".into(), base.is_some().into());
+    fields.insert(
+        "config".into(),
+        serde_json::to_value(cfg).expect("config serialises"),
+    );
+    fields.insert("config_hash".into(), state.config_hash.clone().into());
+    fields.insert("data_hash".into(), state.data_hash.clone().into());
+    fields.insert(
+        "data".into(),
+        json!({"queries": n, "held_out": data.eval.len(), "docs": data.docs.len()}),
+    );
+    fields.insert("start_eval".into(), json!(state.start_eval));
+    fields.insert(
+        "environment".into(),
+        json!({"reencoded_total": run.env.reencoded_total(), "updates": run.env.version(),
+               "policy": cfg.refresh}),
+    );
+    let save = |path: &Path, meta: &HashMap<String, String>| save_adapter(model, base, path, meta);
+    finish(opts, &save, state.step, state.best, fields, &run.log)?;
+    Ok(summary)
+}
+
+/// A running stage-2 loop: its inputs, the environments, the optimizer and the log.
+struct Run<'a> {
+    tok: &'a TextTokenizer,
+    data: &'a RlData,
+    cfg: &'a RlConfig,
+    base: Option<&'a Lora>,
+    opts: &'a TrainOptions,
+    log: MetricsLog,
+    /// Documents whose drift is measured.
+    probe: Vec<usize>,
+    /// The environment the rewards come from.
+    env: RetrievalEnv,
+    /// Refresh policies measured beside it on the same updates.
+    baselines: Vec<RetrievalEnv>,
+    opt: AdamW,
+    vars: Vec<Var>,
+    schedule: LrSchedule,
+    epochs: Epochs,
+    pace: Pace,
+    /// Steps skipped (non-finite loss or gradient) in this invocation.
+    skipped: usize,
+}
+
+impl Run<'_> {
+    /// One optimizer step: draws the step's queries, rolls out, computes the gradient, clips,
+    /// updates and refreshes the environments with the documents the step touched (a step
+    /// whose loss or gradient is not finite is logged and skipped: no update, no refresh).
+    /// Returns the queries and their rollouts for the measurements.
+    fn step(
+        &mut self,
+        model: &mut Model,
+        state: &mut RlState,
+    ) -> Result<(Vec<RlQuery>, Vec<Rollout>)> {
+        let (cfg, data) = (self.cfg, self.data);
         let t0 = Instant::now();
         let step = state.step;
-        if state.cursor.pos + b > n {
-            state.cursor = Cursor {
-                epoch: state.cursor.epoch + 1,
-                pos: 0,
-            };
-            order = epoch_order(n, cfg.seed, state.cursor.epoch);
-        }
-        let batch: Vec<RlQuery> = order[state.cursor.pos..state.cursor.pos + b]
+        let batch: Vec<RlQuery> = self
+            .epochs
+            .next_batch(&mut state.cursor, cfg.queries_per_step)
             .iter()
             .map(|&i| data.queries[i].clone())
             .collect();
-        state.cursor.pos += b;
         let seed = Stream::new(cfg.seed, 0x5eed, step as u64).next();
         let rollouts = rollout(
             model,
-            tok,
-            &env,
+            self.tok,
+            &self.env,
             &batch,
             &data.forced_suffix,
             &cfg.rollout,
             seed,
         )?;
-        let (mut grads, stats) = rl_gradients(model, &env, &batch, &rollouts, &cfg.rollout, pad)?;
-        let lr = schedule.lr_at(step);
+        let (mut grads, stats) = rl_gradients(
+            model,
+            &self.env,
+            &batch,
+            &rollouts,
+            &cfg.rollout,
+            data.pad_id,
+        )?;
+        let lr = self.schedule.lr_at(step);
         let norm = if stats.loss.is_finite() {
-            match clip_grad_norm(&mut grads, &vars, cfg.clip_norm) {
+            match clip_grad_norm(&mut grads, &self.vars, cfg.clip_norm) {
                 Ok(x) => Ok(x),
                 Err(Error::NonFinite { what, value }) => {
                     Err(format!("non-finite {what} ({value})"))
@@ -664,210 +663,205 @@ pub fn train_rl(
         state.step += 1;
         match norm {
             Ok(norm) => {
-                opt.step(&grads, lr)?;
+                self.opt.step(&grads, lr)?;
                 let touched = touched_documents(&batch, &rollouts, cfg.rollout.touch_top);
-                let report = env.refresh(model, &touched)?;
+                let report = self.env.refresh(model, &touched)?;
                 state.window.fraction[0] += report.fraction;
-                for (k, e) in baselines.iter_mut().enumerate() {
+                for (k, e) in self.baselines.iter_mut().enumerate() {
                     state.window.fraction[k + 1] += e.refresh(model, &touched)?.fraction;
                 }
                 state.window.steps += 1;
                 state.last = Some(stats);
-                log_line(
-                    &mut metrics,
-                    &metrics_path,
-                    &json!({
-                        "step": state.step, "lr": lr,
-                        "reward": {"mean": stats.reward, "retrieval": stats.retrieval,
-                                   "ge_half": stats.reward_ge_half},
-                        "emitted": stats.emitted, "length": stats.length,
-                        "loss": {"total": stats.loss, "grpo": stats.grpo.surrogate, "nce": stats.nce},
-                        "kl": stats.grpo.kl, "clip_fraction": stats.grpo.clip_fraction,
-                        "ratio": stats.grpo.ratio, "grad_norm": norm,
-                        "refresh": {"reencoded": report.reencoded, "fraction": report.fraction},
-                        "seconds": t0.elapsed().as_secs_f64(),
-                    }),
-                )?;
+                self.log.line(&json!({
+                    "step": state.step, "lr": lr,
+                    "reward": {"mean": stats.reward, "retrieval": stats.retrieval,
+                               "ge_half": stats.reward_ge_half},
+                    "emitted": stats.emitted, "length": stats.length,
+                    "loss": {"total": stats.loss, "grpo": stats.grpo.surrogate, "nce": stats.nce},
+                    "kl": stats.grpo.kl, "clip_fraction": stats.grpo.clip_fraction,
+                    "ratio": stats.grpo.ratio, "grad_norm": norm,
+                    "refresh": {"reencoded": report.reencoded, "fraction": report.fraction},
+                    "seconds": t0.elapsed().as_secs_f64(),
+                }))?;
             }
             Err(why) => {
-                skipped += 1;
-                say(format!("step {}: skipped ({why})", state.step));
-                log_line(
-                    &mut metrics,
-                    &metrics_path,
-                    &json!({"step": state.step, "lr": lr, "skipped": why}),
-                )?;
+                self.skipped += 1;
+                self.say(format!("step {}: skipped ({why})", state.step));
+                self.log
+                    .line(&json!({"step": state.step, "lr": lr, "skipped": why}))?;
             }
         }
-        if opts.progress {
-            let done = state.step - first_step;
-            let per = started.elapsed().as_secs_f64() / done as f64;
-            let eta = per * (cfg.steps - state.step) as f64;
-            let line = format!(
-                "step {}/{} reward {:.3} retrieval {:.3} emitted {:.0}% length {:.1} kl {:.4} loss {:.3} lr {lr:.1e} {per:.1}s/step eta {}",
-                state.step,
-                cfg.steps,
-                stats.reward,
-                stats.retrieval,
-                100.0 * stats.emitted,
-                stats.length,
-                stats.grpo.kl,
-                stats.loss,
-                fmt_duration(eta)
-            );
-            // A line per step, terminal or log: a bar would hide these numbers.
+        // A line per step, terminal or log: a bar would hide these numbers.
+        self.say(format!(
+            "step {}/{} reward {:.3} retrieval {:.3} emitted {:.0}% length {:.1} kl {:.4} loss {:.3} lr {lr:.1e} {}",
+            state.step,
+            cfg.steps,
+            stats.reward,
+            stats.retrieval,
+            100.0 * stats.emitted,
+            stats.length,
+            stats.grpo.kl,
+            stats.loss,
+            self.pace.after(state.step)
+        ));
+        Ok((batch, rollouts))
+    }
+
+    /// Swaps in a checkpoint of the adapter, the optimizer, the environments and `state`.
+    fn checkpoint(&self, model: &Model, state: &mut RlState) -> Result<()> {
+        let meta = &self.opts.adapter_metadata;
+        checkpoint::swap_in(&self.opts.out, |tmp| {
+            save_trainable(model, &tmp.join(ADAPTER), meta)?;
+            self.opt.save(&tmp.join(OPTIMIZER))?;
+            self.env.save(&tmp.join(ENV_DIR))?;
+            for (i, e) in self.baselines.iter().enumerate() {
+                e.save(&tmp.join(baseline_dir(i)))?;
+            }
+            state.files = checkpoint::checksums(tmp)?;
+            checkpoint::write_state(tmp, &RL_CHECKPOINT, state)
+        })
+    }
+
+    fn say(&self, line: String) {
+        if self.opts.progress {
             eprintln!("{line}");
         }
+    }
 
-        let last = state.step == cfg.steps;
-        let step_now = state.step;
-        let due = |every: usize| every > 0 && (last || step_now % every == 0);
-        let eval_due = due(cfg.eval_every) && !data.eval.is_empty();
-        let measure_due = due(cfg.measure_every);
-        if eval_due || measure_due {
-            let fresh = env.encode_all(model)?;
-            if measure_due {
-                let probe_queries = reembed(model, &batch, &rollouts, pad, micro)?;
-                let mut report = serde_json::Map::new();
-                let window = std::mem::replace(
-                    &mut state.window,
-                    Window {
-                        steps: 0,
-                        fraction: vec![0.0; envs],
-                    },
-                );
-                for (k, e) in std::iter::once(&env).chain(&baselines).enumerate() {
-                    let drift = e.drift_against(&fresh, &probe)?;
-                    let fid =
-                        e.fidelity_against(&fresh, &probe_queries, cfg.rollout.reward.top_k)?;
-                    let per_step = window.fraction[k] / window.steps.max(1) as f64;
-                    report.insert(
-                        policy_name(&e.policy()),
-                        json!({
-                            "reencoded_per_step": per_step, "drift_mean_cos": drift.mean_cos,
-                            "drift_min_cos": drift.min_cos, "stale": drift.stale as f64 / probe.len().max(1) as f64,
-                            "spearman": fid.spearman, "kendall": fid.kendall,
-                            "mean_abs_diff": fid.mean_abs_diff,
-                        }),
-                    );
-                    say(format!(
-                        "step {}: env {}: re-encoded {:.1}%/step, drift cos {:.4} (min {:.4}), fidelity spearman {} kendall {}",
-                        state.step,
-                        policy_name(&e.policy()),
-                        100.0 * per_step,
-                        drift.mean_cos,
-                        drift.min_cos,
-                        fid.spearman.map_or("-".into(), |v| format!("{v:.3}")),
-                        fid.kendall.map_or("-".into(), |v| format!("{v:.3}")),
-                    ));
-                }
-                log_line(
-                    &mut metrics,
-                    &metrics_path,
-                    &json!({"step": state.step, "env": report}),
-                )?;
-            }
-            if eval_due {
-                let e = evaluate(model, &fresh)?;
-                best_eval(model, state.step, &e, &mut state.best, &mut metrics)?;
-            }
+    /// Held-out evaluation with greedy reasoning on `docs` (fresh vectors of the corpus):
+    /// logged, reported, and the adapter kept as `best.safetensors` when it is the best.
+    fn evaluate(
+        &mut self,
+        model: &Model,
+        step: usize,
+        docs: &[Vec<f32>],
+        best: &mut Option<BestEval>,
+    ) -> Result<RlEval> {
+        let d = self.data;
+        let e = evaluate_reasoning(
+            model,
+            self.tok,
+            &d.eval,
+            &d.forced_suffix,
+            docs,
+            &self.cfg.rollout,
+        )?;
+        self.log.line(&json!({"step": step, "eval": {
+            "ndcg@10": e.ndcg10, "reward": e.reward, "reward_ge_half": e.reward_ge_half,
+            "emitted": e.emitted, "length": e.length}}))?;
+        self.say(format!(
+            "step {step}: eval nDCG@10 {:.4} reward {:.3} (>= 0.5: {:.0}%) emitted {:.0}% length {:.1}",
+            e.ndcg10,
+            e.reward,
+            100.0 * e.reward_ge_half,
+            100.0 * e.emitted,
+            e.length
+        ));
+        if BestEval::improve(best, step, e.ndcg10) {
+            let path = self.opts.out.join("best.safetensors");
+            save_adapter(model, self.base, &path, &self.opts.adapter_metadata)?;
         }
-        let stop = opts
-            .interrupt
-            .as_ref()
-            .is_some_and(|f| f.load(Ordering::SeqCst))
-            && !last;
-        let ckpt_due = last || (cfg.checkpoint_every > 0 && step_now % cfg.checkpoint_every == 0);
-        if ckpt_due || stop {
-            write_rl_checkpoint(
-                out,
-                model,
-                &opt,
-                &env,
-                &baselines,
-                &mut state,
-                &opts.adapter_metadata,
-            )?;
-        }
-        if eval_due || measure_due || stop {
-            plot_curves(&metrics_path, out);
-        }
-        if stop {
-            say(format!(
-                "interrupted: checkpoint written at step {}; continue with --resume",
-                state.step
+        Ok(e)
+    }
+
+    /// The environment's cost and accuracy against `fresh` vectors, for the run's policy and
+    /// each baseline: re-encoded share per step over `window`, drift on the probe documents,
+    /// reward fidelity on `queries`.
+    fn measure(
+        &mut self,
+        step: usize,
+        fresh: &[Vec<f32>],
+        queries: &[ProbeQuery],
+        window: &Window,
+    ) -> Result<()> {
+        let mut report = serde_json::Map::new();
+        for (k, e) in std::iter::once(&self.env)
+            .chain(&self.baselines)
+            .enumerate()
+        {
+            let drift = e.drift_against(fresh, &self.probe)?;
+            let fid = e.fidelity_against(fresh, queries, self.cfg.rollout.reward.top_k)?;
+            let per_step = window.fraction[k] / window.steps.max(1) as f64;
+            report.insert(
+                policy_name(&e.policy()),
+                json!({
+                    "reencoded_per_step": per_step, "drift_mean_cos": drift.mean_cos,
+                    "drift_min_cos": drift.min_cos,
+                    "stale": drift.stale as f64 / self.probe.len().max(1) as f64,
+                    "spearman": fid.spearman, "kendall": fid.kendall,
+                    "mean_abs_diff": fid.mean_abs_diff,
+                }),
+            );
+            self.say(format!(
+                "step {step}: env {}: re-encoded {:.1}%/step, drift cos {:.4} (min {:.4}), fidelity spearman {} kendall {}",
+                policy_name(&e.policy()),
+                100.0 * per_step,
+                drift.mean_cos,
+                drift.min_cos,
+                fid.spearman.map_or("-".into(), |v| format!("{v:.3}")),
+                fid.kendall.map_or("-".into(), |v| format!("{v:.3}")),
             ));
-            (stopped_early, interrupted) = (true, true);
-            break;
         }
-        if opts.stop_after == Some(state.step) && !last {
-            stopped_early = true;
-            break;
-        }
+        self.log.line(&json!({"step": step, "env": report}))
     }
-    let summary = RlSummary {
-        step: state.step,
-        stopped_early,
-        interrupted,
-        skipped_steps: skipped,
-        last: state.last,
-        start_eval: state.start_eval,
-        best: state.best,
-    };
-    if stopped_early {
-        return Ok(summary);
-    }
+}
 
-    let mut meta = opts.adapter_metadata.clone();
-    meta.insert("step".into(), state.step.to_string());
-    let final_path = out.join("final.safetensors");
-    save_adapter(model, base, &final_path, &meta)?;
-    let best_path = out.join("best.safetensors");
-    let (src, adapter_step) = match state.best {
-        Some(b) if best_path.exists() => (best_path, b.step),
-        _ => (final_path, state.step),
-    };
-    let adapter = out.join(ADAPTER);
-    std::fs::copy(&src, &adapter).map_err(|e| file_err(&adapter, e))?;
-    let mut manifest = serde_json::Map::new();
-    manifest.insert("format".into(), "search-r3-rl-adapter".into());
-    manifest.insert("version".into(), 1.into());
-    manifest.insert("adapter".into(), ADAPTER.into());
-    manifest.insert("adapter_sha256".into(), sha256_file(&adapter)?.into());
-    manifest.insert("adapter_step".into(), adapter_step.into());
-    manifest.insert("stacked_on_base_adapter".into(), base.is_some().into());
-    manifest.insert("steps".into(), state.step.into());
-    manifest.insert(
-        "config".into(),
-        serde_json::to_value(cfg).expect("config serialises"),
-    );
-    manifest.insert("config_hash".into(), state.config_hash.clone().into());
-    manifest.insert("data_hash".into(), data.hash().into());
-    manifest.insert(
-        "data".into(),
-        json!({"queries": n, "held_out": data.eval.len(), "docs": data.docs.len()}),
-    );
-    manifest.insert("start_eval".into(), json!(state.start_eval));
-    manifest.insert(
-        "best".into(),
-        match state.best {
-            Some(b) => json!({"step": b.step, "ndcg@10": b.score}),
-            None => serde_json::Value::Null,
-        },
-    );
-    manifest.insert(
-        "environment".into(),
-        json!({"reencoded_total": env.reencoded_total(), "updates": env.version(),
-               "policy": cfg.refresh}),
-    );
-    for (k, v) in &opts.manifest {
-        manifest.insert(k.clone(), v.clone());
+/// The run's state and environments at its first step: restored from the checkpoint (which
+/// must match the config, the data and the policy's base; the adapter is loaded into `model`),
+/// or fresh, the environment encoding the corpus with the starting policy and the baselines
+/// starting from the same vectors.
+fn start(
+    model: &mut Model,
+    data: &RlData,
+    cfg: &RlConfig,
+    base_hash: String,
+    opts: &TrainOptions,
+) -> Result<(RlState, RetrievalEnv, Vec<RetrievalEnv>)> {
+    let out = opts.out.as_path();
+    let (pad, micro) = (data.pad_id, cfg.rollout.micro_tokens);
+    if !opts.resume {
+        checkpoint::refuse_existing(out)?;
+        let env = RetrievalEnv::new(model, data.docs.clone(), pad, micro, cfg.index, cfg.refresh)?;
+        let start = stored_vectors(&env);
+        let baselines = cfg
+            .baselines
+            .iter()
+            .map(|&p| {
+                RetrievalEnv::from_vectors(data.docs.clone(), &start, pad, micro, cfg.index, p)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let state = RlState {
+            format: RL_CHECKPOINT.format.into(),
+            step: 0,
+            cursor: Cursor::default(),
+            config_hash: cfg.hash(),
+            data_hash: data.hash(),
+            base_hash,
+            best: None,
+            start_eval: None,
+            last: None,
+            window: Window::new(1 + cfg.baselines.len()),
+            files: BTreeMap::new(),
+        };
+        return Ok((state, env, baselines));
     }
-    let json = serde_json::to_vec_pretty(&serde_json::Value::Object(manifest))
-        .expect("manifest serialises");
-    write_atomic(&out.join("manifest.json"), &json)?;
-    plot_curves(&metrics_path, out);
-    Ok(summary)
+    let (s, dir) = checkpoint::read_state(out, &RL_CHECKPOINT, |s: &RlState| {
+        (s.format.as_str(), &s.files)
+    })?;
+    checkpoint::check_hashes(
+        &dir.join(RL_CHECKPOINT.state_file),
+        &[
+            (&s.config_hash, &cfg.hash(), "checkpoint was written with a different config (hash mismatch); resume with the same config"),
+            (&s.data_hash, &data.hash(), "checkpoint was written for different data (hash mismatch)"),
+            (&s.base_hash, &base_hash, "checkpoint was written on a different base model or stage-1 adapter; resume with the same --model and --adapter"),
+        ],
+    )?;
+    load_trainable(model, &dir.join(ADAPTER))?;
+    let env = RetrievalEnv::load(&dir.join(ENV_DIR), data.docs.clone(), pad, micro)?;
+    let baselines = (0..cfg.baselines.len())
+        .map(|i| RetrievalEnv::load(&dir.join(baseline_dir(i)), data.docs.clone(), pad, micro))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((s, env, baselines))
 }
 
 /// sha256 of what the stage-2 policy starts from besides this stage's adapter: the base model
@@ -903,13 +897,7 @@ fn stored_vectors(env: &RetrievalEnv) -> Vec<Vec<f32>> {
 /// A seeded random sample of `k` document positions out of `n` (all when `k >= n`).
 fn probe_docs(n: usize, k: usize, seed: u64) -> Vec<usize> {
     let mut all: Vec<usize> = (0..n).collect();
-    let mut rng = Stream::new(seed, 0x9b0e, 0);
-    let k = k.min(n);
-    for i in 0..k {
-        let j = i + rng.below(n - i);
-        all.swap(i, j);
-    }
-    all.truncate(k);
+    Stream::new(seed, 0x9b0e, 0).sample(&mut all, k);
     all
 }
 
@@ -918,12 +906,12 @@ fn probe_docs(n: usize, k: usize, seed: u64) -> Vec<usize> {
 fn reembed(
     model: &Model,
     batch: &[RlQuery],
-    rollouts: &[crate::rl::Rollout],
+    rollouts: &[Rollout],
     pad: u32,
     micro: usize,
 ) -> Result<Vec<ProbeQuery>> {
     let seqs: Vec<Vec<u32>> = rollouts.iter().map(|r| r.sequence.clone()).collect();
-    let vecs = embed_sequences(model, &seqs, pad, micro)?;
+    let vecs = embed_unit(model, &seqs, pad, micro)?;
     Ok(rollouts
         .iter()
         .zip(vecs)
@@ -932,41 +920,4 @@ fn reembed(
             gold: batch[r.query].gold.clone(),
         })
         .collect())
-}
-
-fn write_rl_checkpoint(
-    out: &Path,
-    model: &Model,
-    opt: &AdamW,
-    env: &RetrievalEnv,
-    baselines: &[RetrievalEnv],
-    state: &mut RlState,
-    meta: &HashMap<String, String>,
-) -> Result<()> {
-    swap_in_checkpoint(out, |tmp| {
-        save_trainable(model, &tmp.join(ADAPTER), meta)?;
-        opt.save(&tmp.join(OPTIMIZER))?;
-        env.save(&tmp.join(ENV_DIR))?;
-        for (i, e) in baselines.iter().enumerate() {
-            e.save(&tmp.join(baseline_dir(i)))?;
-        }
-        state.files = checksums(tmp, &[ADAPTER, OPTIMIZER])?;
-        let json = serde_json::to_vec_pretty(state).expect("state serialises");
-        std::fs::write(tmp.join(RL_STATE), json).map_err(|e| file_err(&tmp.join(RL_STATE), e))
-    })
-}
-
-/// Reads and verifies the stage-2 checkpoint state (the environments verify their own files
-/// when loaded).
-fn read_rl_checkpoint(out: &Path) -> Result<(RlState, PathBuf)> {
-    let kind = CheckpointKind {
-        state_file: RL_STATE,
-        format: RL_FORMAT,
-        missing: "no stage-2 checkpoint to resume from (run without --resume to start afresh)",
-        foreign: (
-            STATE,
-            "this is a stage-1 (train sft) checkpoint; give train rl another output directory",
-        ),
-    };
-    read_checkpoint_state(out, &kind, |s: &RlState| (s.format.as_str(), &s.files))
 }

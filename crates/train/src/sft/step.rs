@@ -34,11 +34,12 @@
 //! float difference between the fast and differentiable forward paths (~1e-5 in f32).
 
 use crate::error::{invalid, Result};
+use crate::forward::{encode, micro_batches, rows, scalar, with_reference};
 use crate::losses::{cross_entropy, info_nce, kl_to_reference, triplet, LossTerms, SftLossConfig};
 use crate::optim::GradAccumulator;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
-use search_r3_model::{Batch, Model, Path};
+use search_r3_model::{Model, Path};
 
 /// One training query: its chat prompt and its relevance judgements.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,54 +152,6 @@ fn plan(model: &Model, batch: &SftBatch) -> Result<Plan> {
     })
 }
 
-/// Groups sequence indices into micro-batches of at most `budget` padded tokens
-/// (`rows × longest row`; a single longer sequence gets a micro-batch of its own). Sequences
-/// are sorted by length first so that rows of a micro-batch waste little padding.
-pub(crate) fn micro_batches(lens: &[usize], budget: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lens.len()).collect();
-    order.sort_by_key(|&i| lens[i]);
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut cur: Vec<usize> = Vec::new();
-    for i in order {
-        // Sorted ascending, so `lens[i]` is the new longest row.
-        if !cur.is_empty() && (cur.len() + 1) * lens[i] > budget {
-            out.push(std::mem::take(&mut cur));
-        }
-        cur.push(i);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
-/// Forward of `seqs` (right-padded): the hidden states `[b, t, d]` and the flat index
-/// `i·t + len_i − 1` of each row's last real token.
-pub(crate) fn encode(
-    model: &Model,
-    seqs: &[&Vec<u32>],
-    pad_id: u32,
-    path: Path,
-) -> Result<(Tensor, Vec<u32>, usize)> {
-    let owned: Vec<Vec<u32>> = seqs.iter().map(|s| (*s).clone()).collect();
-    let batch = Batch::right_padded(&owned, pad_id)?;
-    let hidden = model.forward(&batch, path, None)?;
-    let t = batch.t;
-    let last = seqs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (i * t + s.len() - 1) as u32)
-        .collect();
-    Ok((hidden, last, t))
-}
-
-/// Rows `idx` of `hidden [b, t, d]` viewed as `[b·t, d]` (differentiable).
-pub(crate) fn rows(hidden: &Tensor, idx: &[u32]) -> Result<Tensor> {
-    let (b, t, d) = hidden.dims3()?;
-    let idx = Tensor::from_slice(idx, idx.len(), hidden.device())?;
-    Ok(hidden.reshape((b * t, d))?.index_select(&idx, 0)?)
-}
-
 /// Embeddings `[len, d]` of `seqs`, without a graph, in micro-batches; row `k` is `seqs[k]`.
 fn embed_all(model: &Model, seqs: &[&Vec<u32>], pad_id: u32, budget: usize) -> Result<Tensor> {
     let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
@@ -216,19 +169,6 @@ fn embed_all(model: &Model, seqs: &[&Vec<u32>], pad_id: u32, budget: usize) -> R
         .map(|r| r.expect("every row encoded"))
         .collect();
     Ok(Tensor::stack(&reps, 0)?)
-}
-
-/// Runs `f` with the adapters disabled (the frozen reference policy), restoring the flag
-/// whatever `f` returns.
-pub(crate) fn with_reference<T>(
-    model: &mut Model,
-    f: impl FnOnce(&Model) -> Result<T>,
-) -> Result<T> {
-    let saved = model.lora_enabled;
-    model.lora_enabled = false;
-    let out = f(model);
-    model.lora_enabled = saved;
-    out
 }
 
 /// The full stage-1 gradient of one batch, computed with gradient caching (see the module
@@ -443,8 +383,4 @@ pub fn sft_gradients(
             total,
         },
     })
-}
-
-pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }

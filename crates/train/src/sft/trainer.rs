@@ -18,56 +18,26 @@
 //! * at the end, `final.safetensors`, `adapter.safetensors` (the best-eval state, or the final
 //!   one when no evaluation ran) and `manifest.json`.
 
-use crate::error::{file_err, invalid, write_atomic, Error, Result};
+use super::step::{sft_gradients, SftBatch, SftExample};
+use crate::error::{invalid, Error, Result};
 use crate::losses::{LossTerms, SftLossConfig};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule};
-use crate::sft::{sft_gradients, SftBatch, SftExample};
+use crate::run::checkpoint::{self, ADAPTER, OPTIMIZER, SFT_CHECKPOINT};
+use crate::run::config::{finite, positive, LoraSection, RunConfig};
+use crate::run::data::{Cursor, Epochs, Stream};
+use crate::run::finish::finish;
+use crate::run::log::{MetricsLog, Pace};
+use crate::run::{BestEval, Stop, TrainOptions};
+use candle_core::backprop::GradStore;
+use candle_core::Var;
 use search_r3_model::state::{load_trainable, save_trainable};
-use search_r3_model::{Batch, LoraConfig, LoraTarget, Model, Path as FwdPath};
+use search_r3_model::Model;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::io::IsTerminal;
 use std::time::Instant;
-
-/// LoRA settings of a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LoraSection {
-    /// Rank `r` (default 16).
-    pub rank: usize,
-    /// Scale numerator `α`; the update is scaled by `α/r` (default 32).
-    pub alpha: f64,
-    /// Adapted projections (default all seven: q, k, v, o, gate, up, down).
-    pub targets: Vec<LoraTarget>,
-    /// Seed of the adapters' `A` initialisation (default 0; `B` starts at zero).
-    pub seed: u64,
-}
-
-impl Default for LoraSection {
-    fn default() -> Self {
-        Self {
-            rank: 16,
-            alpha: 32.0,
-            targets: LoraTarget::ALL.to_vec(),
-            seed: 0,
-        }
-    }
-}
-
-impl LoraSection {
-    /// The model-side adapter configuration.
-    pub fn config(&self) -> LoraConfig {
-        LoraConfig {
-            rank: self.rank,
-            alpha: self.alpha,
-            targets: self.targets.clone(),
-        }
-    }
-}
 
 /// Every setting of a stage-1 run, read from TOML (unknown keys are errors). Defaults are
 /// sized for SmolLM2-135M on a 2-core CPU.
@@ -148,79 +118,32 @@ impl Default for SftConfig {
     }
 }
 
-impl SftConfig {
-    /// Parses and validates TOML text; `origin` names it in errors.
-    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
-        config_from_toml(text, origin, Self::validate)
-    }
-
-    /// Reads a TOML file (see [`SftConfig::from_toml`]).
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e))?;
-        Self::from_toml(&text, &path.display().to_string())
-    }
-
-    /// Checks every field's range.
-    pub fn validate(&self) -> Result<()> {
+impl RunConfig for SftConfig {
+    fn validate(&self) -> Result<()> {
         self.loss.validate()?;
         self.adamw.validate()?;
         self.schedule()?;
-        for (name, v) in [
-            ("steps", self.steps),
-            ("queries_per_batch", self.queries_per_batch),
-            ("grad_accum_steps", self.grad_accum_steps),
-            ("micro_tokens", self.micro_tokens),
-            ("max_doc_tokens", self.max_doc_tokens),
-            ("max_query_tokens", self.max_query_tokens),
-            ("lora.rank", self.lora.rank),
-        ] {
-            if v == 0 {
-                invalid!("sft config: `{name}` must be > 0");
-            }
-        }
-        if self.lora.targets.is_empty() {
-            invalid!("sft config: `lora.targets` is empty");
-        }
-        if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
-            invalid!("sft config: `lora.alpha` must be finite and > 0");
-        }
-        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
-            invalid!("sft config: `clip_norm` must be finite and > 0");
-        }
-        Ok(())
+        positive(
+            "sft",
+            &[
+                ("steps", self.steps),
+                ("queries_per_batch", self.queries_per_batch),
+                ("grad_accum_steps", self.grad_accum_steps),
+                ("micro_tokens", self.micro_tokens),
+                ("max_doc_tokens", self.max_doc_tokens),
+                ("max_query_tokens", self.max_query_tokens),
+            ],
+        )?;
+        self.lora.validate("sft")?;
+        finite("sft", &[("clip_norm", self.clip_norm, false)])
     }
+}
 
+impl SftConfig {
     /// The learning-rate schedule of the run.
     pub fn schedule(&self) -> Result<LrSchedule> {
         LrSchedule::new(self.warmup_steps, self.steps, self.lr, self.min_lr)
     }
-
-    /// sha256 (hex) of the canonical JSON of the config; a checkpoint only resumes under the
-    /// same hash.
-    pub fn hash(&self) -> String {
-        config_hash(self)
-    }
-}
-
-/// A run config from TOML text: unknown keys and out-of-range values are errors that name
-/// `origin`.
-pub(crate) fn config_from_toml<T: serde::de::DeserializeOwned>(
-    text: &str,
-    origin: &str,
-    validate: impl Fn(&T) -> Result<()>,
-) -> Result<T> {
-    let at = |msg: String| Error::File {
-        path: PathBuf::from(origin),
-        msg,
-    };
-    let c: T = toml::from_str(text).map_err(|e| at(e.to_string()))?;
-    validate(&c).map_err(|e| at(e.to_string()))?;
-    Ok(c)
-}
-
-/// sha256 (hex) of a config's canonical JSON.
-pub(crate) fn config_hash<T: Serialize>(c: &T) -> String {
-    sha256_hex(&serde_json::to_vec(c).expect("config serialises"))
 }
 
 /// One training query as token ids.
@@ -304,27 +227,6 @@ pub trait EvalHook {
     fn evaluate(&mut self, model: &Model, step: usize) -> Result<f64>;
 }
 
-/// Run-level options that are not hyper-parameters (they do not enter the config hash).
-#[derive(Debug, Clone, Default)]
-pub struct TrainOptions {
-    /// Output directory.
-    pub out: PathBuf,
-    /// Continue from `out/checkpoint` instead of starting afresh.
-    pub resume: bool,
-    /// Draw a progress bar on stderr.
-    pub progress: bool,
-    /// Stop (as if interrupted) after this optimizer step, once its checkpoint (if due) is
-    /// written; no final adapter or manifest is written. For tests and time-boxed sessions.
-    pub stop_after: Option<usize>,
-    /// Extra safetensors metadata for every saved adapter (base model id, sha256, ...).
-    pub adapter_metadata: HashMap<String, String>,
-    /// Extra top-level fields of `manifest.json` (base model, templates hash, command line, ...).
-    pub manifest: serde_json::Map<String, serde_json::Value>,
-    /// Set (by a Ctrl-C handler) to stop after the current step: its checkpoint is written,
-    /// so `--resume` continues exactly where the run stopped.
-    pub interrupt: Option<Arc<AtomicBool>>,
-}
-
 /// What a run did.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainSummary {
@@ -343,22 +245,6 @@ pub struct TrainSummary {
     pub best: Option<BestEval>,
 }
 
-/// The best evaluation so far.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct BestEval {
-    /// Step it was measured after.
-    pub step: usize,
-    /// The score (nDCG@10 for the CLI's hook).
-    pub score: f64,
-}
-
-/// Position in the data stream: the next batch starts at `pos` of epoch `epoch`'s order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Cursor {
-    pub(crate) epoch: u64,
-    pub(crate) pos: usize,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TrainerState {
@@ -371,53 +257,6 @@ struct TrainerState {
     last_terms: Option<LossTerms>,
     /// sha256 of each other checkpoint file, by file name.
     files: BTreeMap<String, String>,
-}
-
-const STATE_FORMAT: &str = "search-r3-sft-checkpoint-1";
-pub(crate) const CKPT: &str = "checkpoint";
-const CKPT_OLD: &str = ".checkpoint.old";
-pub(crate) const ADAPTER: &str = "adapter.safetensors";
-pub(crate) const OPTIMIZER: &str = "optimizer.safetensors";
-pub(crate) const STATE: &str = "trainer_state.json";
-pub(crate) const METRICS: &str = "metrics.jsonl";
-/// Loss and eval curves, redrawn at every eval and at the end.
-pub const CURVES: &str = "curves.png";
-
-/// SplitMix64 finaliser.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// A stateless random stream keyed by `(seed, a, b)`: the data order and sampling depend only
-/// on the seed and the position, so a resumed run draws exactly what the straight run drew.
-pub(crate) struct Stream(u64);
-
-impl Stream {
-    pub(crate) fn new(seed: u64, a: u64, b: u64) -> Self {
-        Stream(mix(
-            mix(mix(seed) ^ a) ^ b.wrapping_mul(0xA24B_AED4_963E_E407)
-        ))
-    }
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix(self.0)
-    }
-    pub(crate) fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-/// Query order of `epoch` (Fisher–Yates from the seed).
-pub(crate) fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = Stream::new(seed, 0x0e0c, epoch);
-    for i in (1..n).rev() {
-        order.swap(i, rng.below(i + 1));
-    }
-    order
 }
 
 /// Builds one contrastive batch from the queries `idx` (ids into `data.queries`); `salt`
@@ -449,13 +288,7 @@ fn build_batch(
             .filter(|j| !q.positives.contains(j))
             .collect();
         negs.dedup();
-        // Partial Fisher–Yates: a uniform sample of `hard_negatives`, in sampled order.
-        let k = hard_negatives.min(negs.len());
-        for i in 0..k {
-            let j = i + rng.below(negs.len() - i);
-            negs.swap(i, j);
-        }
-        negs.truncate(k);
+        rng.sample(&mut negs, hard_negatives);
         let p = slot(pos, &mut docs);
         let n: Vec<usize> = negs.iter().map(|&j| slot(j, &mut docs)).collect();
         picks.push((qi, p, n));
@@ -492,68 +325,6 @@ fn build_batch(
     )
 }
 
-/// Unit-norm embeddings of prompts (each ending with `<|embed_token|>`): the final-norm
-/// hidden state at the last token, on the fast (no-graph) path, in length-sorted batches of at
-/// most `budget` padded tokens. Row `i` is `seqs[i]`.
-pub fn embed_sequences(
-    model: &Model,
-    seqs: &[Vec<u32>],
-    pad_id: u32,
-    budget: usize,
-) -> Result<Vec<Vec<f32>>> {
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| seqs[i].len());
-    let mut out = vec![Vec::new(); seqs.len()];
-    let mut start = 0;
-    while start < order.len() {
-        let mut end = start + 1;
-        while end < order.len() && (end + 1 - start) * seqs[order[end]].len() <= budget.max(1) {
-            end += 1;
-        }
-        let part: Vec<Vec<u32>> = order[start..end].iter().map(|&i| seqs[i].clone()).collect();
-        if part.iter().any(Vec::is_empty) {
-            invalid!("embed_sequences: empty prompt");
-        }
-        let batch = Batch::right_padded(&part, pad_id)?;
-        let hidden = model.forward(&batch, FwdPath::Fast, None)?;
-        let (b, t, d) = hidden.dims3()?;
-        let flat = hidden
-            .reshape((b * t, d))?
-            .to_dtype(candle_core::DType::F32)?;
-        let last: Vec<u32> = part
-            .iter()
-            .enumerate()
-            .map(|(k, s)| (k * t + s.len() - 1) as u32)
-            .collect();
-        let idx = candle_core::Tensor::from_slice(&last, last.len(), flat.device())?;
-        let rows: Vec<Vec<f32>> = flat.index_select(&idx, 0)?.to_vec2()?;
-        for (k, v) in rows.into_iter().enumerate() {
-            out[order[start + k]] = unit(v);
-        }
-        start = end;
-    }
-    Ok(out)
-}
-
-/// `v / ‖v‖` (norm accumulated in f64); a zero vector stays zero.
-pub(crate) fn unit(mut v: Vec<f32>) -> Vec<f32> {
-    let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    if n > 0.0 {
-        v.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
-    }
-    v
-}
-
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-/// sha256 (hex) of a file's bytes.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
-    Ok(sha256_hex(&bytes))
-}
-
 fn mean_terms(terms: &[LossTerms]) -> LossTerms {
     let n = terms.len() as f64;
     let avg = |f: fn(&LossTerms) -> Option<f64>| -> Option<f64> {
@@ -567,182 +338,6 @@ fn mean_terms(terms: &[LossTerms]) -> LossTerms {
         tri: avg(|t| t.tri),
         total: terms.iter().map(|t| t.total).sum::<f64>() / n,
     }
-}
-
-/// Appends one JSON line to the metrics log.
-pub(crate) fn log_line(file: &mut std::fs::File, path: &Path, v: &serde_json::Value) -> Result<()> {
-    writeln!(file, "{v}")
-        .and_then(|_| file.flush())
-        .map_err(|e| file_err(path, e))
-}
-
-fn write_checkpoint(
-    out: &Path,
-    model: &Model,
-    opt: &AdamW,
-    state: &mut TrainerState,
-    meta: &HashMap<String, String>,
-) -> Result<()> {
-    swap_in_checkpoint(out, |tmp| {
-        save_trainable(model, &tmp.join(ADAPTER), meta)?;
-        opt.save(&tmp.join(OPTIMIZER))?;
-        state.files = checksums(tmp, &[ADAPTER, OPTIMIZER])?;
-        let json = serde_json::to_vec_pretty(state).expect("state serialises");
-        std::fs::write(tmp.join(STATE), json).map_err(|e| file_err(&tmp.join(STATE), e))
-    })
-}
-
-/// sha256 of each named file of `dir`, by name.
-pub(crate) fn checksums(dir: &Path, names: &[&str]) -> Result<BTreeMap<String, String>> {
-    names
-        .iter()
-        .map(|f| Ok((f.to_string(), sha256_file(&dir.join(f))?)))
-        .collect()
-}
-
-/// Fills a fresh temporary directory with `fill` and swaps it in as `out/checkpoint`: the old
-/// checkpoint is renamed aside, the new one renamed in, the old one removed, so a crash at any
-/// point leaves one complete checkpoint ([`checkpoint_dir`] recovers the aside one).
-pub(crate) fn swap_in_checkpoint(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = out.join(format!(".checkpoint.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| file_err(&tmp, e))?;
-    fill(&tmp)?;
-    let dst = out.join(CKPT);
-    let old = out.join(CKPT_OLD);
-    if dst.exists() {
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| file_err(&old, e))?;
-        }
-        std::fs::rename(&dst, &old).map_err(|e| file_err(&dst, e))?;
-    }
-    std::fs::rename(&tmp, &dst).map_err(|e| file_err(&dst, e))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| file_err(&old, e))?;
-    }
-    Ok(())
-}
-
-/// `out/checkpoint`, after moving back the previous checkpoint when a crash between the two
-/// renames of a swap left only that one.
-pub(crate) fn checkpoint_dir(out: &Path) -> Result<PathBuf> {
-    let dir = out.join(CKPT);
-    let old = out.join(CKPT_OLD);
-    if !dir.exists() && old.exists() {
-        std::fs::rename(&old, &dir).map_err(|e| file_err(&dir, e))?;
-    }
-    Ok(dir)
-}
-
-/// Checks that every file a checkpoint state lists has the recorded sha256.
-pub(crate) fn verify_checksums(
-    dir: &Path,
-    state_path: &Path,
-    names: &[&str],
-    recorded: &BTreeMap<String, String>,
-) -> Result<()> {
-    for f in names {
-        let path = dir.join(f);
-        let Some(want) = recorded.get(*f) else {
-            return Err(file_err(
-                state_path,
-                format!("no checksum recorded for {f}"),
-            ));
-        };
-        let got = sha256_file(&path)?;
-        if &got != want {
-            return Err(file_err(
-                &path,
-                format!(
-                    "corrupted checkpoint file: sha256 {got} does not match the recorded {want}"
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// How a training stage's checkpoint is recognised.
-pub(crate) struct CheckpointKind {
-    /// Its state file in `checkpoint/`.
-    pub(crate) state_file: &'static str,
-    /// The `format` its state must carry.
-    pub(crate) format: &'static str,
-    /// The error when there is no such state to resume from.
-    pub(crate) missing: &'static str,
-    /// The other stage's state file, and the error naming it (a run directory of the other
-    /// stage is not "no checkpoint").
-    pub(crate) foreign: (&'static str, &'static str),
-}
-
-/// Reads and verifies `out/checkpoint/<state file>`: its format, and the checksums of the
-/// adapter and optimizer files it lists (`header` gives a state's format and checksums).
-/// Returns the state and the checkpoint directory.
-pub(crate) fn read_checkpoint_state<T: serde::de::DeserializeOwned>(
-    out: &Path,
-    kind: &CheckpointKind,
-    header: impl Fn(&T) -> (&str, &BTreeMap<String, String>),
-) -> Result<(T, PathBuf)> {
-    let dir = checkpoint_dir(out)?;
-    let state_path = dir.join(kind.state_file);
-    if dir.join(kind.foreign.0).exists() {
-        return Err(file_err(&dir, kind.foreign.1));
-    }
-    if !state_path.exists() {
-        return Err(file_err(&state_path, kind.missing));
-    }
-    let text = std::fs::read_to_string(&state_path).map_err(|e| file_err(&state_path, e))?;
-    let state: T = serde_json::from_str(&text)
-        .map_err(|e| file_err(&state_path, format!("corrupted checkpoint state: {e}")))?;
-    let (format, files) = header(&state);
-    if format != kind.format {
-        return Err(file_err(
-            &state_path,
-            format!("unknown checkpoint format `{format}`"),
-        ));
-    }
-    verify_checksums(&dir, &state_path, &[ADAPTER, OPTIMIZER], files)?;
-    Ok((state, dir))
-}
-
-/// Reads and verifies the stage-1 checkpoint state.
-fn read_checkpoint(out: &Path) -> Result<TrainerState> {
-    let kind = CheckpointKind {
-        state_file: STATE,
-        format: STATE_FORMAT,
-        missing: "no checkpoint to resume from (run without --resume to start afresh)",
-        foreign: (
-            crate::rl_trainer::RL_STATE,
-            "this is a stage-2 (train rl) checkpoint; give train sft another output directory",
-        ),
-    };
-    let (state, _) =
-        read_checkpoint_state(out, &kind, |s: &TrainerState| (s.format.as_str(), &s.files))?;
-    Ok(state)
-}
-
-/// Keeps the lines of `metrics.jsonl` whose `step` is at most `step` (a resumed run rewrites
-/// what came after its checkpoint); unparsable lines (a write cut by a crash) are dropped.
-pub(crate) fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(file_err(path, e)),
-    };
-    let mut kept = String::new();
-    for line in text.lines() {
-        let keep = serde_json::from_str::<serde_json::Value>(line)
-            .ok()
-            .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-            .is_some_and(|s| s as usize <= step);
-        if keep {
-            kept.push_str(line);
-            kept.push('\n');
-        }
-    }
-    write_atomic(path, kept.as_bytes())
 }
 
 fn terms_json(t: &LossTerms) -> serde_json::Value {
@@ -769,6 +364,7 @@ pub fn train_sft(
     opts: &TrainOptions,
     mut eval: Option<&mut dyn EvalHook>,
 ) -> Result<TrainSummary> {
+    // Setup, or resume from the checkpoint.
     cfg.validate()?;
     data.validate()?;
     let b = cfg.queries_per_batch;
@@ -776,65 +372,280 @@ pub fn train_sft(
     if n < b {
         invalid!("training data has {n} queries, fewer than queries_per_batch = {b}");
     }
-    let schedule = cfg.schedule()?;
-    let config_hash = cfg.hash();
-    let data_hash = data.hash();
     let out = opts.out.as_path();
-    std::fs::create_dir_all(out).map_err(|e| file_err(out, e))?;
-    let metrics_path = out.join(METRICS);
-
+    std::fs::create_dir_all(out).map_err(|e| crate::error::file_err(out, e))?;
     model.add_lora(cfg.lora.config(), cfg.lora.seed)?;
     model.lora_enabled = true;
-    let mut state = if opts.resume {
-        let s = read_checkpoint(out)?;
-        let dir = out.join(CKPT);
-        if s.config_hash != config_hash {
-            return Err(file_err(
-                &dir.join(STATE),
-                "checkpoint was written with a different config (hash mismatch); resume with the same config",
-            ));
+    let mut state = start(model, data, cfg, opts)?;
+    let named = model.trainable_vars();
+    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(named, cfg.adamw)?;
+    if opts.resume {
+        opt.load(&out.join(checkpoint::CKPT).join(OPTIMIZER))?;
+    }
+    let mut run = Run {
+        data,
+        cfg,
+        log: MetricsLog::open(out, opts.resume.then_some(state.step))?,
+        bar: progress_bar(opts.progress, cfg.steps, state.step),
+        // indicatif draws nothing when stderr is a file; logs then get a plain line per step.
+        plain: opts.progress && !std::io::stderr().is_terminal(),
+        pace: Pace::new(state.step, cfg.steps),
+        epochs: Epochs::new(n, cfg.seed, state.cursor),
+        acc: GradAccumulator::new(&vars),
+        vars,
+        schedule: cfg.schedule()?,
+        skipped: 0,
+    };
+
+    let mut stop = Stop::default();
+    while state.step < cfg.steps {
+        // One step: batches, gradient, update.
+        run.step(model, &mut opt, &mut state)?;
+
+        // Evaluate, checkpoint, stop.
+        let last = state.step == cfg.steps;
+        let step = state.step;
+        let due = |every: usize| last || (every > 0 && step % every == 0);
+        if let Some(hook) = eval.as_deref_mut() {
+            if due(cfg.eval_every) {
+                let score = hook.evaluate(model, step)?;
+                run.log
+                    .line(&json!({"step": step, "eval": {"ndcg@10": score}}))?;
+                run.say(format!("step {step}: eval nDCG@10 {score:.4}"));
+                if BestEval::improve(&mut state.best, step, score) {
+                    save_trainable(model, &out.join("best.safetensors"), &opts.adapter_metadata)?;
+                }
+            }
         }
-        if s.data_hash != data_hash {
-            return Err(file_err(
-                &dir.join(STATE),
-                "checkpoint was written for different training data (hash mismatch)",
-            ));
+        let interrupted = opts.interrupted(last);
+        if due(cfg.checkpoint_every) || interrupted {
+            checkpoint::swap_in(out, |tmp| {
+                save_trainable(model, &tmp.join(ADAPTER), &opts.adapter_metadata)?;
+                opt.save(&tmp.join(OPTIMIZER))?;
+                state.files = checkpoint::checksums(tmp)?;
+                checkpoint::write_state(tmp, &SFT_CHECKPOINT, &state)
+            })?;
         }
-        load_trainable(model, &dir.join(ADAPTER))?;
-        truncate_metrics(&metrics_path, s.step)?;
-        s
-    } else {
-        if out.join(CKPT).exists() {
-            return Err(file_err(
-                &out.join(CKPT),
-                "a checkpoint already exists here: pass --resume to continue, or choose another output directory",
-            ));
+        if due(cfg.eval_every) || interrupted {
+            run.log.plot();
         }
-        std::fs::write(&metrics_path, b"").map_err(|e| file_err(&metrics_path, e))?;
-        TrainerState {
-            format: STATE_FORMAT.into(),
+        if interrupted {
+            run.bar.println(format!(
+                "interrupted: checkpoint written at step {step}; continue with --resume"
+            ));
+            stop = Stop {
+                early: true,
+                interrupted: true,
+            };
+            break;
+        }
+        if opts.stops_after(step, last) {
+            stop.early = true;
+            break;
+        }
+    }
+    run.bar.finish_and_clear();
+    let summary = TrainSummary {
+        step: state.step,
+        stopped_early: stop.early,
+        interrupted: stop.interrupted,
+        skipped_steps: run.skipped,
+        last_terms: state.last_terms,
+        best: state.best,
+    };
+    if stop.early {
+        return Ok(summary);
+    }
+
+    // Finish: final state, best adapter, manifest.
+    let mut fields = serde_json::Map::new();
+    fields.insert("format".into(), "search-r3-sft-adapter".into());
+    fields.insert(
+        "config".into(),
+        serde_json::to_value(cfg).expect("config serialises"),
+    );
+    fields.insert("config_hash".into(), state.config_hash.clone().into());
+    fields.insert("data_hash".into(), state.data_hash.clone().into());
+    fields.insert(
+        "data".into(),
+        json!({"queries": n, "docs": data.docs.len()}),
+    );
+    fields.insert(
+        "final".into(),
+        json!({"step": state.step, "loss": state.last_terms.as_ref().map(terms_json)}),
+    );
+    let save = |path: &std::path::Path, meta: &HashMap<String, String>| {
+        save_trainable(model, path, meta).map_err(Error::from)
+    };
+    finish(opts, &save, state.step, state.best, fields, &run.log)?;
+    Ok(summary)
+}
+
+/// A running stage-1 loop: its inputs, data order, accumulator, schedule and log.
+struct Run<'a> {
+    data: &'a TrainData,
+    cfg: &'a SftConfig,
+    log: MetricsLog,
+    bar: indicatif::ProgressBar,
+    /// Plain progress lines instead of the bar (stderr is not a terminal).
+    plain: bool,
+    pace: Pace,
+    epochs: Epochs,
+    acc: GradAccumulator,
+    vars: Vec<Var>,
+    schedule: LrSchedule,
+    /// Steps skipped (non-finite loss or gradient) in this invocation.
+    skipped: usize,
+}
+
+impl Run<'_> {
+    fn say(&self, line: String) {
+        if self.plain {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+
+    /// One optimizer step: the averaged, clipped gradient of `grad_accum_steps` batches and
+    /// AdamW at the schedule's rate, logged; a step whose loss or gradient is not finite is
+    /// logged and skipped (the step counter and data cursor still advance).
+    fn step(&mut self, model: &mut Model, opt: &mut AdamW, state: &mut TrainerState) -> Result<()> {
+        let t0 = Instant::now();
+        let step = state.step;
+        let lr = self.schedule.lr_at(step);
+        let outcome = self.gradient(model, &mut state.cursor, step)?;
+        state.step += 1;
+        match outcome {
+            Ok((grads, terms, norm, tokens)) => {
+                opt.step(&grads, lr)?;
+                state.last_terms = Some(terms);
+                self.log.line(&json!({
+                    "step": state.step, "lr": lr, "loss": terms_json(&terms),
+                    "grad_norm": norm, "tokens": tokens,
+                    "seconds": t0.elapsed().as_secs_f64(),
+                }))?;
+                self.bar.set_message(format!(
+                    "loss {:.3} ce {} kl {} nce {} tri {} lr {lr:.1e}",
+                    terms.total,
+                    fmt_opt(terms.ce),
+                    fmt_opt(terms.kl),
+                    fmt_opt(terms.nce),
+                    fmt_opt(terms.tri),
+                ));
+            }
+            Err(why) => {
+                self.skipped += 1;
+                self.bar
+                    .println(format!("step {}: skipped ({why})", state.step));
+                self.log
+                    .line(&json!({"step": state.step, "lr": lr, "skipped": why}))?;
+            }
+        }
+        self.bar.set_position(state.step as u64);
+        if self.plain {
+            let loss = state
+                .last_terms
+                .as_ref()
+                .map_or("-".into(), |t| format!("{:.3}", t.total));
+            eprintln!(
+                "step {}/{} loss {loss} lr {lr:.1e} {}",
+                state.step,
+                self.cfg.steps,
+                self.pace.after(state.step)
+            );
+        }
+        Ok(())
+    }
+
+    /// One step's averaged, clipped gradient over `grad_accum_steps` batches, with the mean
+    /// loss terms, the norm before clipping and the tokens seen; `Err(reason)` when the loss
+    /// or the gradient is not finite.
+    fn gradient(
+        &mut self,
+        model: &mut Model,
+        cursor: &mut Cursor,
+        step: usize,
+    ) -> Result<StepGradient> {
+        let cfg = self.cfg;
+        self.acc.reset();
+        let mut terms = Vec::with_capacity(cfg.grad_accum_steps);
+        let mut tokens = 0;
+        let mut bad: Option<String> = None;
+        for a in 0..cfg.grad_accum_steps {
+            let idx = self
+                .epochs
+                .next_batch(cursor, cfg.queries_per_batch)
+                .to_vec();
+            let salt = (step * cfg.grad_accum_steps + a) as u64;
+            let (batch, t) = build_batch(self.data, &idx, cfg.hard_negatives, cfg.seed, salt);
+            tokens += t;
+            let out = sft_gradients(model, &batch, &cfg.loss, cfg.micro_tokens)?;
+            if !out.terms.is_finite() {
+                bad.get_or_insert_with(|| format!("non-finite loss {:?}", out.terms));
+            }
+            terms.push(out.terms);
+            self.acc.add(&out.grads)?;
+        }
+        let terms = mean_terms(&terms);
+        let mut grads = self.acc.mean()?;
+        if let Some(why) = bad {
+            return Ok(Err(why));
+        }
+        match clip_grad_norm(&mut grads, &self.vars, cfg.clip_norm) {
+            Ok(norm) => Ok(Ok((grads, terms, norm, tokens))),
+            Err(Error::NonFinite { what, value }) => {
+                Ok(Err(format!("non-finite {what} ({value})")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A step's gradient, loss terms, norm before clipping and tokens, or why it is skipped.
+type StepGradient = std::result::Result<(GradStore, LossTerms, f64, usize), String>;
+
+/// The run's state at its first step: read from the checkpoint (which must match the config
+/// and data; the adapter is loaded into `model`), or fresh.
+fn start(
+    model: &mut Model,
+    data: &TrainData,
+    cfg: &SftConfig,
+    opts: &TrainOptions,
+) -> Result<TrainerState> {
+    let out = opts.out.as_path();
+    let (config_hash, data_hash) = (cfg.hash(), data.hash());
+    if !opts.resume {
+        checkpoint::refuse_existing(out)?;
+        return Ok(TrainerState {
+            format: SFT_CHECKPOINT.format.into(),
             step: 0,
-            cursor: Cursor { epoch: 0, pos: 0 },
+            cursor: Cursor::default(),
             config_hash,
-            data_hash: data_hash.clone(),
+            data_hash,
             best: None,
             last_terms: None,
             files: BTreeMap::new(),
-        }
-    };
-    let named = model.trainable_vars();
-    let vars: Vec<_> = named.iter().map(|(_, v)| v.clone()).collect();
-    let mut opt = AdamW::new(named, cfg.adamw)?;
-    if opts.resume {
-        opt.load(&out.join(CKPT).join(OPTIMIZER))?;
+        });
     }
-    let mut metrics = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| file_err(&metrics_path, e))?;
+    let (s, dir) = checkpoint::read_state(out, &SFT_CHECKPOINT, |s: &TrainerState| {
+        (s.format.as_str(), &s.files)
+    })?;
+    checkpoint::check_hashes(
+        &dir.join(SFT_CHECKPOINT.state_file),
+        &[
+            (&s.config_hash, &config_hash, "checkpoint was written with a different config (hash mismatch); resume with the same config"),
+            (&s.data_hash, &data_hash, "checkpoint was written for different training data (hash mismatch)"),
+        ],
+    )?;
+    load_trainable(model, &dir.join(ADAPTER))?;
+    Ok(s)
+}
 
-    let bar = if opts.progress {
-        let pb = indicatif::ProgressBar::new(cfg.steps as u64);
+fn progress_bar(show: bool, steps: usize, at: usize) -> indicatif::ProgressBar {
+    let bar = if show {
+        let pb = indicatif::ProgressBar::new(steps as u64);
         pb.set_style(
             indicatif::ProgressStyle::with_template(
                 "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -845,240 +656,9 @@ pub fn train_sft(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    bar.set_position(state.step as u64);
+    bar.set_position(at as u64);
     bar.reset_eta();
-
-    let mut order = epoch_order(n, cfg.seed, state.cursor.epoch);
-    let mut acc = GradAccumulator::new(&vars);
-    let mut skipped = 0;
-    let mut stopped_early = false;
-    let mut interrupted = false;
-    // indicatif draws nothing when stderr is a file; logs then get a plain line per step.
-    let plain = opts.progress && !std::io::stderr().is_terminal();
-    let started = Instant::now();
-    let first_step = state.step;
-    while state.step < cfg.steps {
-        let t0 = Instant::now();
-        let step = state.step;
-        acc.reset();
-        let mut terms = Vec::with_capacity(cfg.grad_accum_steps);
-        let mut tokens = 0;
-        let mut bad: Option<String> = None;
-        for a in 0..cfg.grad_accum_steps {
-            if state.cursor.pos + b > n {
-                state.cursor = Cursor {
-                    epoch: state.cursor.epoch + 1,
-                    pos: 0,
-                };
-                order = epoch_order(n, cfg.seed, state.cursor.epoch);
-            }
-            let idx = &order[state.cursor.pos..state.cursor.pos + b];
-            state.cursor.pos += b;
-            let salt = (step * cfg.grad_accum_steps + a) as u64;
-            let (batch, t) = build_batch(data, idx, cfg.hard_negatives, cfg.seed, salt);
-            tokens += t;
-            let out = sft_gradients(model, &batch, &cfg.loss, cfg.micro_tokens)?;
-            if !out.terms.is_finite() {
-                bad.get_or_insert_with(|| format!("non-finite loss {:?}", out.terms));
-            }
-            terms.push(out.terms);
-            acc.add(&out.grads)?;
-        }
-        let terms = mean_terms(&terms);
-        let lr = schedule.lr_at(step);
-        let mut grads = acc.mean()?;
-        let norm = if bad.is_none() {
-            match clip_grad_norm(&mut grads, &vars, cfg.clip_norm) {
-                Ok(x) => Some(x),
-                Err(Error::NonFinite { what, value }) => {
-                    bad = Some(format!("non-finite {what} ({value})"));
-                    None
-                }
-                Err(e) => return Err(e),
-            }
-        } else {
-            None
-        };
-        state.step += 1;
-        match (&bad, norm) {
-            (None, Some(norm)) => {
-                opt.step(&grads, lr)?;
-                state.last_terms = Some(terms);
-                log_line(
-                    &mut metrics,
-                    &metrics_path,
-                    &serde_json::json!({
-                        "step": state.step, "lr": lr, "loss": terms_json(&terms),
-                        "grad_norm": norm, "tokens": tokens,
-                        "seconds": t0.elapsed().as_secs_f64(),
-                    }),
-                )?;
-                bar.set_message(format!(
-                    "loss {:.3} ce {} kl {} nce {} tri {} lr {lr:.1e}",
-                    terms.total,
-                    fmt_opt(terms.ce),
-                    fmt_opt(terms.kl),
-                    fmt_opt(terms.nce),
-                    fmt_opt(terms.tri),
-                ));
-            }
-            _ => {
-                skipped += 1;
-                let why = bad.unwrap_or_else(|| "no gradient".into());
-                bar.println(format!("step {}: skipped ({why})", state.step));
-                log_line(
-                    &mut metrics,
-                    &metrics_path,
-                    &serde_json::json!({"step": state.step, "lr": lr, "skipped": why}),
-                )?;
-            }
-        }
-        bar.set_position(state.step as u64);
-        if plain {
-            let done = state.step - first_step;
-            let per = started.elapsed().as_secs_f64() / done as f64;
-            let eta = per * (cfg.steps - state.step) as f64;
-            let loss = state
-                .last_terms
-                .as_ref()
-                .map_or("-".into(), |t| format!("{:.3}", t.total));
-            eprintln!(
-                "step {}/{} loss {loss} lr {lr:.1e} {per:.1}s/step eta {}",
-                state.step,
-                cfg.steps,
-                fmt_duration(eta)
-            );
-        }
-        let last = state.step == cfg.steps;
-        let step_now = state.step;
-        let due = |every: usize| last || (every > 0 && step_now % every == 0);
-        if let Some(hook) = eval.as_deref_mut() {
-            if due(cfg.eval_every) {
-                let score = hook.evaluate(model, state.step)?;
-                log_line(
-                    &mut metrics,
-                    &metrics_path,
-                    &serde_json::json!({"step": state.step, "eval": {"ndcg@10": score}}),
-                )?;
-                let line = format!("step {}: eval nDCG@10 {score:.4}", state.step);
-                if plain {
-                    eprintln!("{line}");
-                } else {
-                    bar.println(line);
-                }
-                if state.best.is_none_or(|b| score > b.score) {
-                    state.best = Some(BestEval {
-                        step: state.step,
-                        score,
-                    });
-                    save_trainable(model, &out.join("best.safetensors"), &opts.adapter_metadata)?;
-                }
-            }
-        }
-        let stop = opts
-            .interrupt
-            .as_ref()
-            .is_some_and(|f| f.load(Ordering::SeqCst))
-            && !last;
-        if due(cfg.checkpoint_every) || stop {
-            write_checkpoint(out, model, &opt, &mut state, &opts.adapter_metadata)?;
-        }
-        if due(cfg.eval_every) || stop {
-            plot_curves(&metrics_path, out);
-        }
-        if stop {
-            bar.println(format!(
-                "interrupted: checkpoint written at step {}; continue with --resume",
-                state.step
-            ));
-            (stopped_early, interrupted) = (true, true);
-            break;
-        }
-        if opts.stop_after == Some(state.step) && !last {
-            stopped_early = true;
-            break;
-        }
-    }
-    bar.finish_and_clear();
-    let summary = TrainSummary {
-        step: state.step,
-        stopped_early,
-        interrupted,
-        skipped_steps: skipped,
-        last_terms: state.last_terms,
-        best: state.best,
-    };
-    if stopped_early {
-        return Ok(summary);
-    }
-
-    // Final outputs.
-    let mut meta = opts.adapter_metadata.clone();
-    meta.insert("step".into(), state.step.to_string());
-    let final_path = out.join("final.safetensors");
-    save_trainable(model, &final_path, &meta)?;
-    let best_path = out.join("best.safetensors");
-    let (src, adapter_step) = match state.best {
-        Some(b) if best_path.exists() => (best_path, b.step),
-        _ => (final_path, state.step),
-    };
-    let adapter = out.join(ADAPTER);
-    std::fs::copy(&src, &adapter).map_err(|e| file_err(&adapter, e))?;
-    let mut manifest = serde_json::Map::new();
-    manifest.insert("format".into(), "search-r3-sft-adapter".into());
-    manifest.insert("version".into(), 1.into());
-    manifest.insert("adapter".into(), ADAPTER.into());
-    manifest.insert("adapter_sha256".into(), sha256_file(&adapter)?.into());
-    manifest.insert("adapter_step".into(), adapter_step.into());
-    manifest.insert("steps".into(), state.step.into());
-    manifest.insert(
-        "config".into(),
-        serde_json::to_value(cfg).expect("config serialises"),
-    );
-    manifest.insert("config_hash".into(), state.config_hash.clone().into());
-    manifest.insert("data_hash".into(), data_hash.into());
-    manifest.insert(
-        "data".into(),
-        serde_json::json!({"queries": n, "docs": data.docs.len()}),
-    );
-    manifest.insert(
-        "final".into(),
-        serde_json::json!({"step": state.step, "loss": state.last_terms.as_ref().map(terms_json)}),
-    );
-    manifest.insert(
-        "best".into(),
-        match state.best {
-            Some(b) => serde_json::json!({"step": b.step, "ndcg@10": b.score}),
-            None => serde_json::Value::Null,
-        },
-    );
-    for (k, v) in &opts.manifest {
-        manifest.insert(k.clone(), v.clone());
-    }
-    let json = serde_json::to_vec_pretty(&serde_json::Value::Object(manifest))
-        .expect("manifest serialises");
-    write_atomic(&out.join("manifest.json"), &json)?;
-    Ok(summary)
-}
-
-/// Redraws `curves.png` next to the metrics; a plotting failure must not end a training run,
-/// so it is only reported.
-pub(crate) fn plot_curves(metrics: &Path, out: &Path) {
-    let title = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if let Err(e) = crate::plot::plot_metrics(metrics, &out.join(CURVES), &title) {
-        eprintln!(
-            "warning: could not draw {}: {e}",
-            out.join(CURVES).display()
-        );
-    }
-}
-
-pub(crate) fn fmt_duration(secs: f64) -> String {
-    let s = secs.max(0.0).round() as u64;
-    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    bar
 }
 
 fn fmt_opt(x: Option<f64>) -> String {

@@ -141,3 +141,16 @@ pub fn metric_lines(out: &std::path::Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// Unit-norm embeddings at each prompt's last token, by the one embedding function the
+/// system uses everywhere (`search_r3_core::embedder::embed_at_token`).
+pub fn embed_unit(
+    model: &search_r3_model::Model,
+    seqs: &[Vec<u32>],
+    pad_id: u32,
+    budget: usize,
+) -> search_r3_train::Result<Vec<Vec<f32>>> {
+    let raw = search_r3_core::embedder::embed_at_token(model, seqs, pad_id, budget)
+        .map_err(|e| search_r3_train::Error::Invalid(e.to_string()))?;
+    Ok(raw.into_iter().map(search_r3_index::l2_normalize).collect())
+}

@@ -2,9 +2,8 @@
 //! code: 2 blocks, d=32, 4 heads / 2 KV heads of width 8, ff=64, 64 tokens + `<|embed_token|>`.
 
 use candle_core::{DType, Device, Tensor};
-use search_r3_model::config::{Arch, ModelConfig};
 use search_r3_model::weights::{LayerWeights, Weights};
-use search_r3_model::{LoraConfig, LoraTarget, Model, TextTokenizer};
+use search_r3_model::{Arch, LoraConfig, LoraTarget, Model, ModelConfig, TextTokenizer};
 
 /// Ordinary vocabulary size.
 pub const VOCAB: usize = 64;

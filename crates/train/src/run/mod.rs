@@ -1,0 +1,92 @@
+//! The run machinery both training stages share, so each stage's loop only says what is
+//! particular to it (nanoGPT-style: setup or resume, one step, measure, finish):
+//!
+//! * [`config`] — TOML run configs (unknown keys are errors naming the file) and their hash,
+//!   the LoRA section both stages use;
+//! * `data` — the seeded, stateless data order (epochs, cursor, samples), so a resumed run
+//!   draws exactly what the straight run drew;
+//! * `checkpoint` — checksummed checkpoint directories swapped in atomically, recovered after
+//!   a crash between the two renames, and refused when they belong to the other stage;
+//! * `log` — `metrics.jsonl` (truncated to the checkpoint on resume), `curves.png`, progress
+//!   lines with an ETA;
+//! * `finish` — the end of a run: `final.safetensors`, `adapter.safetensors` (the best
+//!   evaluated state) and `manifest.json`.
+
+pub(crate) mod checkpoint;
+pub mod config;
+pub(crate) mod data;
+pub(crate) mod finish;
+pub(crate) mod log;
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Run-level options that are not hyper-parameters (they do not enter the config hash).
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Output directory.
+    pub out: PathBuf,
+    /// Continue from `out/checkpoint` instead of starting afresh.
+    pub resume: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Stop (as if interrupted) after this optimizer step, once its checkpoint (if due) is
+    /// written; no final adapter or manifest is written. For tests and time-boxed sessions.
+    pub stop_after: Option<usize>,
+    /// Extra safetensors metadata for every saved adapter (base model id, sha256, ...).
+    pub adapter_metadata: HashMap<String, String>,
+    /// Extra top-level fields of `manifest.json` (base model, templates hash, command line, ...).
+    pub manifest: serde_json::Map<String, serde_json::Value>,
+    /// Set (by a Ctrl-C handler) to stop after the current step: its checkpoint is written,
+    /// so `--resume` continues exactly where the run stopped.
+    pub interrupt: Option<Arc<AtomicBool>>,
+}
+
+impl TrainOptions {
+    /// Whether the interrupt flag is set (never for the last step: that one finishes the run).
+    pub(crate) fn interrupted(&self, last: bool) -> bool {
+        !last
+            && self
+                .interrupt
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
+    /// Whether [`TrainOptions::stop_after`] ends the run after `step`.
+    pub(crate) fn stops_after(&self, step: usize, last: bool) -> bool {
+        !last && self.stop_after == Some(step)
+    }
+}
+
+/// The best evaluation so far.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BestEval {
+    /// Step it was measured after.
+    pub step: usize,
+    /// The score (nDCG@10 for the CLI's hook).
+    pub score: f64,
+}
+
+impl BestEval {
+    /// Records `score` at `step` when it beats `best` (or there is none); returns whether it
+    /// did, so the caller saves the state that earned it.
+    pub(crate) fn improve(best: &mut Option<BestEval>, step: usize, score: f64) -> bool {
+        let better = best.is_none_or(|b| score > b.score);
+        if better {
+            *best = Some(BestEval { step, score });
+        }
+        better
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Stop {
+    /// Stopped before the configured steps, leaving a checkpoint to resume from.
+    pub(crate) early: bool,
+    /// That stop was an interrupt.
+    pub(crate) interrupted: bool,
+}
