@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use search_r3_core::searcher::{load_embedder, EmbedderOptions};
+use search_r3_core::load::{load_embedder, EmbedderOptions};
 use std::path::PathBuf;
 
 /// Adapter tools.

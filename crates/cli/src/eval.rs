@@ -14,11 +14,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use search_r3_baselines::{Bm25Index, Bm25Params, SentenceEncoder};
 use search_r3_core::corpus::{corpus_fingerprint, ReadOptions};
 use search_r3_core::dataset::{load_split, BeirSplit};
+use search_r3_core::embedder::QueryMode;
 use search_r3_core::encode::EncodeOptions;
 use search_r3_core::metrics::evaluate;
 use search_r3_core::searcher::{BuildOptions, Searcher};
 use search_r3_core::trec::{cmp_trec, fuse_rrf, read_run, write_run, Run, RRF_K};
-use search_r3_core::QueryMode;
 use search_r3_index::{
     check_compatible, load_index_with_files, read_meta, save_index_with_files, AnyIndex, DocKey,
     HnswParams, IndexKind, IndexMeta, VectorIndex,
@@ -238,14 +238,11 @@ fn minilm_corpus(
 }
 
 fn minilm_run(ds: &BeirSplit, depth: usize, cache: Option<&Path>) -> Result<Retrieved> {
-    let (dir, _) = fetch::ensure("minilm", &FetchOptions::default())?;
+    let minilm = &search_r3_baselines::minilm::MINILM;
+    let dir = fetch::fetch_known(minilm, &FetchOptions::default())?;
     let enc = SentenceEncoder::load(&dir)
         .with_context(|| format!("loading MiniLM from {}", dir.display()))?;
-    let sha = fetch::known_models()
-        .iter()
-        .find(|k| k.name == "minilm")
-        .map(|k| k.sha256)
-        .unwrap_or_default();
+    let sha = minilm.sha256;
     let mut identity = Map::new();
     identity.insert("model_sha256".into(), json!(sha));
     identity.insert("pooling".into(), json!("mean, normalised"));
@@ -332,7 +329,7 @@ fn llm_run(
                     tmp.path().join("index")
                 }
             };
-            let (embedder, identity) = search_r3_core::searcher::load_embedder(spec, &opts)
+            let (embedder, identity) = search_r3_core::load::load_embedder(spec, &opts)
                 .with_context(|| format!("loading model `{spec}`"))?;
             let build = BuildOptions {
                 kind: a.kind,
@@ -561,7 +558,7 @@ fn retrieval_reward(ds: &BeirSplit, run: &Run, top_k: usize) -> Result<RewardSum
             .iter()
             .map(|g| ranked.iter().position(|(d, _)| d == g).map(|p| p + 1))
             .collect();
-        let r = search_r3_train::grpo::dcg_reward(&ranks, top_k)?;
+        let r = search_r3_train::rl::grpo::dcg_reward(&ranks, top_k)?;
         sum += r;
         ge += usize::from(r >= 0.5);
         n += 1;

@@ -162,6 +162,14 @@ fn main() {
     }
 }
 
+/// Every model `model fetch` and `model list` know: the LLMs, then the baselines' models (each
+/// crate declares its own; the fetch machinery is the runtime's).
+fn known_models() -> impl Iterator<Item = &'static fetch::KnownModel> {
+    fetch::known_models()
+        .iter()
+        .chain(search_r3_baselines::known_models())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Model(ModelCmd::Fetch { name, force }) => {
@@ -169,13 +177,22 @@ fn run(cli: Cli) -> Result<()> {
                 force,
                 ..Default::default()
             };
-            let p = fetch::fetch(&name, &opts)?;
+            let k = known_models().find(|k| k.name == name).ok_or_else(|| {
+                fetch::FetchError::UnknownModel {
+                    known: known_models()
+                        .map(|k| k.name)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    name,
+                }
+            })?;
+            let p = fetch::fetch_known(k, &opts)?;
             println!("{}", p.display());
         }
         Cmd::Model(ModelCmd::List) => {
             println!("cache: {}", fetch::cache_root().display());
-            for k in fetch::known_models() {
-                let state = match fetch::cached_path(k.name) {
+            for k in known_models() {
+                let state = match fetch::cached_known(k) {
                     Some(p) => format!("cached at {}", p.display()),
                     None => "not fetched".to_string(),
                 };

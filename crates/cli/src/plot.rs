@@ -23,7 +23,7 @@ pub fn plot(a: &PlotArgs) -> Result<()> {
     let dir = run_dir(&a.metrics);
     let out = a.out.clone().unwrap_or_else(|| dir.join("curves.png"));
     let title = a.title.clone().unwrap_or_else(|| run_name(&dir));
-    search_r3_train::plot_metrics(&a.metrics, &out, &title)?;
+    search_r3_train::plot::plot_metrics(&a.metrics, &out, &title)?;
     println!("{}", out.display());
     Ok(())
 }

@@ -5,11 +5,10 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use search_r3_core::corpus::{read_corpus, CorpusFormat, Document, OnError, ReadOptions};
+use search_r3_core::embedder::QueryMode;
 use search_r3_core::encode::EncodeOptions;
-use search_r3_core::searcher::{
-    load_embedder, BuildOptions, EmbedderOptions, SearchResult, Searcher,
-};
-use search_r3_core::QueryMode;
+use search_r3_core::load::{load_embedder, EmbedderOptions};
+use search_r3_core::searcher::{BuildOptions, SearchResult, Searcher};
 use search_r3_index::IndexKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -143,16 +143,8 @@ pub(crate) fn metrics_json(
     Ok(json)
 }
 
-/// A temporary file beside `path`, then a rename: a results file is either whole or absent.
+/// Writes a results file (with a final newline) whole or not at all.
 pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(text.as_bytes())?;
-    tmp.write_all(b"\n")?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)?;
-    Ok(())
+    search_r3_model::files::write_atomic(path, format!("{text}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -15,16 +15,18 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use search_r3_core::corpus::ReadOptions;
 use search_r3_core::dataset::load_split;
-use search_r3_core::embedder::Embedder;
-use search_r3_core::metrics::evaluate_query;
-use search_r3_core::searcher::{load_embedder, EmbedderOptions, ModelIdentity};
-use search_r3_core::triples::{read_triples, triples_from_split, Triple};
-use search_r3_model::state::load_trainable;
-use search_r3_model::Model;
-use search_r3_train::{
-    embed_sequences, train_rl, train_sft, EvalHook, RlConfig, RlData, RlQuery, SftConfig,
-    TrainData, TrainOptions, TrainQuery,
+use search_r3_core::embedder::{embed_at_token, Embedder};
+use search_r3_core::load::{
+    adapter_file, load_embedder, merge_adapter, EmbedderOptions, ModelIdentity,
 };
+use search_r3_core::metrics::evaluate_query;
+use search_r3_core::triples::{read_triples, triples_from_split, Triple};
+use search_r3_index::l2_normalize;
+use search_r3_model::Model;
+use search_r3_train::rl::{policy_name, train_rl, RlConfig, RlData, RlQuery};
+use search_r3_train::run::config::RunConfig;
+use search_r3_train::run::TrainOptions;
+use search_r3_train::sft::{train_sft, EvalHook, SftConfig, TrainData, TrainQuery};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -112,8 +114,13 @@ struct HeldOut {
 
 impl EvalHook for HeldOut {
     fn evaluate(&mut self, model: &Model, _step: usize) -> search_r3_train::Result<f64> {
-        let d = embed_sequences(model, &self.docs, self.pad_id, self.budget)?;
-        let q = embed_sequences(model, &self.queries, self.pad_id, self.budget)?;
+        let embed = |seqs: &[Vec<u32>]| -> search_r3_train::Result<Vec<Vec<f32>>> {
+            let raw = embed_at_token(model, seqs, self.pad_id, self.budget)
+                .map_err(|e| search_r3_train::Error::Invalid(e.to_string()))?;
+            Ok(raw.into_iter().map(l2_normalize).collect())
+        };
+        let d = embed(&self.docs)?;
+        let q = embed(&self.queries)?;
         let mut total = 0.0;
         for (qv, judged) in q.iter().zip(&self.judgments) {
             let hits: Vec<(String, f64)> = d
@@ -197,7 +204,8 @@ fn sft(a: &SftArgs) -> Result<()> {
     let (mut triples, source) = match (&a.triples, &a.dataset) {
         (Some(path), _) => {
             let t = read_triples(path)?;
-            let sha = sha256_file(path)?;
+            let sha = search_r3_model::files::sha256_file(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             (
                 t,
                 serde_json::json!({"triples": path.display().to_string(), "triples_sha256": sha}),
@@ -346,12 +354,6 @@ fn sft(a: &SftArgs) -> Result<()> {
     Ok(())
 }
 
-fn sha256_file(path: &std::path::Path) -> Result<String> {
-    use sha2::Digest;
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(hex::encode(sha2::Sha256::digest(bytes)))
-}
-
 fn rl(a: &RlArgs) -> Result<()> {
     let cfg = match &a.run.config {
         Some(p) => RlConfig::from_file(p)?,
@@ -379,28 +381,12 @@ fn rl(a: &RlArgs) -> Result<()> {
     // stage-1 model, and the stage-2 adapter is saved stacked onto it.
     let (base, base_sha) = match &a.adapter {
         Some(p) => {
-            let file = if p.is_dir() {
-                p.join("adapter.safetensors")
-            } else {
-                p.clone()
-            };
-            let model = &mut embedder.model.model;
-            let md = load_trainable(model, &file)
-                .with_context(|| format!("loading the stage-1 adapter {}", file.display()))?;
-            if let Some(b) = md
-                .get("base_model_sha256")
-                .filter(|b| **b != identity.sha256)
-            {
-                bail!(
-                    "{}: adapter was trained on a base model with sha256 {b}, not on `{}` ({})",
-                    file.display(),
-                    a.run.model,
-                    identity.sha256
-                );
-            }
-            let lora = model.lora.clone();
-            model.merge_lora()?;
-            (lora, Some(sha256_file(&file)?))
+            let merged =
+                merge_adapter(&mut embedder.model.model, p, &a.run.model, &identity.sha256)
+                    .with_context(|| {
+                        format!("loading the stage-1 adapter {}", adapter_file(p).display())
+                    })?;
+            (merged.lora, Some(merged.sha256))
         }
         None => (None, None),
     };
@@ -461,7 +447,7 @@ fn rl(a: &RlArgs) -> Result<()> {
         truncated,
         cfg.max_doc_tokens,
         cfg.index,
-        search_r3_train::policy_name(&cfg.refresh)
+        policy_name(&cfg.refresh)
     );
     if gold_docs > cfg.env_docs {
         eprintln!(
