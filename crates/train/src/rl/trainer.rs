@@ -36,7 +36,7 @@ use crate::run::config::{finite, positive, LoraSection, RunConfig};
 use crate::run::data::{Cursor, Epochs, Stream};
 use crate::run::finish::finish;
 use crate::run::log::{MetricsLog, Pace};
-use crate::run::{BestEval, Stop, TrainOptions};
+use crate::run::{self, BestEval, Stop, TrainOptions};
 use candle_core::Var;
 use search_r3_core::metrics::evaluate_query;
 use search_r3_index::{IndexKind, VectorIndex};
@@ -464,17 +464,10 @@ pub fn train_rl(
         );
     }
     let out = opts.out.as_path();
-    std::fs::create_dir_all(out).map_err(|e| crate::error::file_err(out, e))?;
     let base_hash = policy_base_hash(base, &opts.adapter_metadata)?;
-    model.add_lora(cfg.lora.config(), cfg.lora.seed)?;
-    model.lora_enabled = true;
+    run::attach_adapters(model, &cfg.lora, opts)?;
     let (mut state, env, baselines) = start(model, data, cfg, base_hash, opts)?;
-    let named = model.trainable_vars();
-    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
-    let mut opt = AdamW::new(named, cfg.adamw)?;
-    if opts.resume {
-        opt.load(&out.join(checkpoint::CKPT).join(OPTIMIZER))?;
-    }
+    let (opt, vars) = run::optimizer(model, cfg.adamw, opts)?;
     let mut run = Run {
         tok,
         data,
@@ -535,18 +528,13 @@ pub fn train_rl(
         if eval_due || measure_due || interrupted {
             run.log.plot();
         }
-        if interrupted {
-            run.say(format!(
-                "interrupted: checkpoint written at step {step}; continue with --resume"
-            ));
-            stop = Stop {
-                early: true,
-                interrupted: true,
-            };
-            break;
-        }
-        if opts.stops_after(step, last) {
-            stop.early = true;
+        if let Some(s) = opts.stop(step, last, interrupted) {
+            if s.interrupted {
+                run.say(format!(
+                    "interrupted: checkpoint written at step {step}; continue with --resume"
+                ));
+            }
+            stop = s;
             break;
         }
     }

@@ -18,6 +18,11 @@ pub(crate) mod data;
 pub(crate) mod finish;
 pub(crate) mod log;
 
+use crate::error::Result;
+use crate::optim::{AdamW, AdamWConfig};
+use candle_core::Var;
+use config::LoraSection;
+use search_r3_model::Model;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -55,10 +60,53 @@ impl TrainOptions {
                 .is_some_and(|f| f.load(Ordering::SeqCst))
     }
 
-    /// Whether [`TrainOptions::stop_after`] ends the run after `step`.
-    pub(crate) fn stops_after(&self, step: usize, last: bool) -> bool {
-        !last && self.stop_after == Some(step)
+    /// Whether the run stops after `step`: interrupted (checked by the caller before its
+    /// checkpoint, see [`TrainOptions::interrupted`]), or at [`TrainOptions::stop_after`].
+    pub(crate) fn stop(&self, step: usize, last: bool, interrupted: bool) -> Option<Stop> {
+        if interrupted {
+            Some(Stop {
+                early: true,
+                interrupted: true,
+            })
+        } else if !last && self.stop_after == Some(step) {
+            Some(Stop {
+                early: true,
+                interrupted: false,
+            })
+        } else {
+            None
+        }
     }
+}
+
+/// Prepares `model` for a run in `opts.out`: creates the directory and attaches fresh LoRA
+/// adapters from `lora` (on resume the checkpoint's values overwrite them).
+pub(crate) fn attach_adapters(
+    model: &mut Model,
+    lora: &LoraSection,
+    opts: &TrainOptions,
+) -> Result<()> {
+    let out = opts.out.as_path();
+    std::fs::create_dir_all(out).map_err(|e| crate::error::file_err(out, e))?;
+    model.add_lora(lora.config(), lora.seed)?;
+    model.lora_enabled = true;
+    Ok(())
+}
+
+/// AdamW over the model's trainable tensors (their moments restored from the checkpoint on
+/// resume), and those tensors for clipping.
+pub(crate) fn optimizer(
+    model: &Model,
+    cfg: AdamWConfig,
+    opts: &TrainOptions,
+) -> Result<(AdamW, Vec<Var>)> {
+    let named = model.trainable_vars();
+    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(named, cfg)?;
+    if opts.resume {
+        opt.load(&opts.out.join(checkpoint::CKPT).join(checkpoint::OPTIMIZER))?;
+    }
+    Ok((opt, vars))
 }
 
 /// The best evaluation so far.

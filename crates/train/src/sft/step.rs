@@ -190,6 +190,10 @@ fn embed_all(model: &Model, seqs: &[&Vec<u32>], pad_id: u32, budget: usize) -> R
 /// is 0 is neither computed nor reported. The model's `lora_enabled` flag is toggled for the
 /// reference forward and restored before returning.
 ///
+/// It is one function on purpose: its four blocks are the four GradCache steps of the module
+/// docs, and they share the cached representations and their gradients; split, each part would
+/// take most of the others' locals as arguments.
+///
 /// Every prompt must end with the model's `<|embed_token|>` (checked when the model has one:
 /// a prompt cut short by truncation is an error, not a silently wrong embedding); indices and
 /// `assistant_start` are validated before any forward pass.

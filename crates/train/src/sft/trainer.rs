@@ -27,7 +27,7 @@ use crate::run::config::{finite, positive, LoraSection, RunConfig};
 use crate::run::data::{Cursor, Epochs, Stream};
 use crate::run::finish::finish;
 use crate::run::log::{MetricsLog, Pace};
-use crate::run::{BestEval, Stop, TrainOptions};
+use crate::run::{self, BestEval, Stop, TrainOptions};
 use candle_core::backprop::GradStore;
 use candle_core::Var;
 use search_r3_model::state::{load_trainable, save_trainable};
@@ -373,16 +373,9 @@ pub fn train_sft(
         invalid!("training data has {n} queries, fewer than queries_per_batch = {b}");
     }
     let out = opts.out.as_path();
-    std::fs::create_dir_all(out).map_err(|e| crate::error::file_err(out, e))?;
-    model.add_lora(cfg.lora.config(), cfg.lora.seed)?;
-    model.lora_enabled = true;
+    run::attach_adapters(model, &cfg.lora, opts)?;
     let mut state = start(model, data, cfg, opts)?;
-    let named = model.trainable_vars();
-    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
-    let mut opt = AdamW::new(named, cfg.adamw)?;
-    if opts.resume {
-        opt.load(&out.join(checkpoint::CKPT).join(OPTIMIZER))?;
-    }
+    let (mut opt, vars) = run::optimizer(model, cfg.adamw, opts)?;
     let mut run = Run {
         data,
         cfg,
@@ -430,18 +423,13 @@ pub fn train_sft(
         if due(cfg.eval_every) || interrupted {
             run.log.plot();
         }
-        if interrupted {
-            run.bar.println(format!(
-                "interrupted: checkpoint written at step {step}; continue with --resume"
-            ));
-            stop = Stop {
-                early: true,
-                interrupted: true,
-            };
-            break;
-        }
-        if opts.stops_after(step, last) {
-            stop.early = true;
+        if let Some(s) = opts.stop(step, last, interrupted) {
+            if s.interrupted {
+                run.bar.println(format!(
+                    "interrupted: checkpoint written at step {step}; continue with --resume"
+                ));
+            }
+            stop = s;
             break;
         }
     }
