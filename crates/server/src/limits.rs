@@ -46,7 +46,9 @@ pub struct Limits {
     #[arg(long)]
     pub auto_truncate: bool,
     /// Whether queued requests share forward passes (TEI's dynamic batching).
+    // Its own id: `bench serve` flattens these limits next to its `--batching on|off|both`.
     #[arg(
+        id = "no_batching",
         long = "no-batching",
         action = clap::ArgAction::SetFalse,
         help = "One request per forward pass instead of batching queued requests together"
