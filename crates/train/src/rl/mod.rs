@@ -1,4 +1,4 @@
-//! Stage 2 of Search-R3 (Gui & Cheng, arXiv 2510.07048, §4): GRPO with a retrieval reward,
+//! Stage 2 of Search-R3 (Gui & Cheng, arXiv 2510.07048): GRPO with a retrieval reward,
 //! against an index environment refreshed locally instead of re-encoding the corpus.
 //!
 //! * [`grpo`] — the DCG retrieval reward with format and length terms, group-normalised

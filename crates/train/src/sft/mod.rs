@@ -1,4 +1,4 @@
-//! Stage 1 of Search-R3 (Gui & Cheng, arXiv 2510.07048, §3): supervised contrastive training
+//! Stage 1 of Search-R3 (Gui & Cheng, arXiv 2510.07048): supervised contrastive training
 //! of LoRA adapters and the `<|embed_token|>` row.
 //!
 //! * `step` — one gradient of `λ_ce·L_CE + λ_kl·L_KL + λ_nce·L_InfoNCE + λ_tri·L_triplet`
