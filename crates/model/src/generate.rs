@@ -12,6 +12,10 @@ use rand::{Rng, SeedableRng};
 pub struct GenerationConfig {
     /// Budget of new tokens per sequence.
     pub max_new_tokens: usize,
+    /// Stop tokens (EOS, `<|embed_token|>`) are masked out until this many tokens are written
+    /// (HF's `min_new_tokens`): a reasoning mode that must write something cannot stop at once.
+    #[serde(default)]
+    pub min_new_tokens: usize,
     /// Sampling temperature; `0` means greedy.
     pub temperature: f64,
     /// Keep only the `k` most likely tokens before sampling.
@@ -34,6 +38,7 @@ impl Default for GenerationConfig {
     fn default() -> Self {
         GenerationConfig {
             max_new_tokens: 128,
+            min_new_tokens: 0,
             temperature: 0.0,
             top_k: None,
             top_p: None,
@@ -119,7 +124,17 @@ pub fn generate(
             if stop[r].is_some() {
                 continue;
             }
-            let (id, lp) = pick_token(&logits[r], cfg, &mut rngs[r]);
+            let (id, lp) = if out[r].len() < cfg.min_new_tokens {
+                let mut masked = logits[r].clone();
+                for &s in tok.eos_ids.iter().chain(embed_id.as_ref()) {
+                    if let Some(l) = masked.get_mut(s as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+                pick_token(&masked, cfg, &mut rngs[r])
+            } else {
+                pick_token(&logits[r], cfg, &mut rngs[r])
+            };
             out[r].push(id);
             logprobs[r].push(lp);
             step_ids[r] = id;
