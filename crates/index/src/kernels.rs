@@ -145,6 +145,29 @@ pub fn l2_normalize(mut v: Vec<f32>) -> Vec<f32> {
     v
 }
 
+/// The unit-norm mean of unit vectors `parts` (all of one width), accumulated in f64: the
+/// embedding of a query reasoned about several times is the normalised mean of the direct
+/// embedding and the embeddings after each thought (HyDE's averaging). `None` for no parts or
+/// parts of different widths.
+pub fn mean_unit(parts: &[&[f32]]) -> Option<Vec<f32>> {
+    let d = parts.first()?.len();
+    if parts.iter().any(|p| p.len() != d) {
+        return None;
+    }
+    let mut sum = vec![0f64; d];
+    for p in parts {
+        for (s, &x) in sum.iter_mut().zip(p.iter()) {
+            *s += x as f64;
+        }
+    }
+    let n = sum.iter().map(|x| x * x).sum::<f64>().sqrt();
+    Some(
+        sum.into_iter()
+            .map(|x| if n > 0.0 { (x / n) as f32 } else { 0.0 })
+            .collect(),
+    )
+}
+
 /// Euclidean norm accumulated in f64: the norm of a 4096-d f32 vector loses digits in f32, and
 /// this runs once per vector, so the cost does not matter.
 fn l2_norm(v: &[f32]) -> f64 {
@@ -152,4 +175,30 @@ fn l2_norm(v: &[f32]) -> f64 {
         .map(|&x| (x as f64) * (x as f64))
         .sum::<f64>()
         .sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_unit_is_the_normalised_mean_of_its_parts() {
+        let a = l2_normalize(vec![1.0, 0.0, 0.0]);
+        let b = l2_normalize(vec![0.0, 3.0, 4.0]);
+        let c = l2_normalize(vec![1.0, 1.0, 0.0]);
+        let m = mean_unit(&[&a, &b, &c]).unwrap();
+        // Hand value: mean = (1 + 1/√2, 0.6 + 1/√2, 0.8) / 3, then unit norm.
+        let h = std::f64::consts::FRAC_1_SQRT_2;
+        let raw = [1.0 + h, 0.6 + h, 0.8];
+        let n = raw.iter().map(|x| x * x).sum::<f64>().sqrt();
+        for (got, want) in m.iter().zip(raw.iter().map(|x| x / n)) {
+            assert!((*got as f64 - want).abs() < 1e-6, "{got} vs {want}");
+        }
+        // One part is itself; opposite parts cancel to zero, not NaN.
+        assert_eq!(mean_unit(&[&a]).unwrap(), a);
+        let neg: Vec<f32> = a.iter().map(|x| -x).collect();
+        assert_eq!(mean_unit(&[&a, &neg]).unwrap(), vec![0.0; 3]);
+        assert!(mean_unit(&[]).is_none());
+        assert!(mean_unit(&[&a, &[1.0f32, 0.0][..]]).is_none());
+    }
 }

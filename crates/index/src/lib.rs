@@ -35,7 +35,7 @@ pub use bench::{
 pub use error::{IndexError, KeyDifference, Result};
 pub use exact::ExactIndex;
 pub use hnsw::{HnswIndex, HnswParams};
-pub use kernels::{dot, l2_normalize, normalize};
+pub use kernels::{dot, l2_normalize, mean_unit, normalize};
 pub use persist::{
     check_compatible, load_index, load_index_with_files, read_meta, save_index,
     save_index_failing_at, save_index_with_files, FailPoint, IndexKind, IndexMeta, IndexRef,
