@@ -425,3 +425,34 @@ fn runs_from_entries_refuse_duplicates() {
     let err = run_from_entries([e("q", "a", 1.0), e("q", "a", 2.0)]).unwrap_err();
     assert_eq!(err.to_string(), "query `q` lists document `a` twice");
 }
+
+#[test]
+fn paired_bootstrap_counts_and_interval() {
+    use search_r3_core::metrics::paired_bootstrap;
+    // Wins, ties and losses on hand values.
+    let a = [0.5, 0.5, 1.0, 0.0, 0.25];
+    let b = [0.75, 0.5, 0.5, 0.0, 1.0];
+    let c = paired_bootstrap(&a, &b, 1000, 7).unwrap();
+    assert_eq!((c.wins, c.ties, c.losses), (2, 2, 1));
+    assert!(close(c.difference, (0.25 - 0.5 + 0.75) / 5.0));
+    assert!(c.ci95[0] <= c.difference && c.difference <= c.ci95[1]);
+    // A constant difference has a zero-width interval at that difference.
+    let c = paired_bootstrap(&[0.1, 0.2, 0.3], &[0.3, 0.4, 0.5], 200, 1).unwrap();
+    assert!(
+        close(c.ci95[0], 0.2) && close(c.ci95[1], 0.2),
+        "{:?}",
+        c.ci95
+    );
+    // 300 differences of ±1 with mean 0.2 (sd ≈ 0.98): the 95% interval is about
+    // 0.2 ± 1.96·0.98/√300 = 0.2 ± 0.111; the same seed gives the same interval.
+    let a = vec![0.0; 300];
+    let b: Vec<f64> = (0..300)
+        .map(|i| if i % 5 < 3 { 1.0 } else { -1.0 })
+        .collect();
+    let c = paired_bootstrap(&a, &b, 1000, 3).unwrap();
+    let half = (c.ci95[1] - c.ci95[0]) / 2.0;
+    assert!((half - 0.111).abs() < 0.015, "half width {half}");
+    assert!((c.ci95[0] + half - 0.2).abs() < 0.02, "{:?}", c.ci95);
+    assert_eq!(paired_bootstrap(&a, &b, 1000, 3).unwrap(), c);
+    assert!(paired_bootstrap(&a, &b[..10], 10, 0).is_none());
+}
