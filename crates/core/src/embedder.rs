@@ -1,9 +1,18 @@
 //! The Search-R3 embedder: a text's embedding is the final-norm hidden state at
 //! `<|embed_token|>`, L2-normalised (brief §1). Documents are embedded directly; queries either
 //! directly or after the model writes a bounded analysis (`reason` mode).
+//!
+//! Reasoning follows the ways the literature found it pays for retrieval ([`ReasonMode`]): one
+//! greedy thought (Search-R3), or several sampled thoughts whose embeddings are averaged with
+//! the direct one (HyDE, Gao et al. 2022; O1 Embedder, Yan et al. 2025), so the query itself
+//! never drops out of its vector.
+//!
+//! An adapter may carry a separate *query tower* (`train reason` trains one against a frozen
+//! document index): queries — direct, reasoning and their generation — then run through it,
+//! documents through the document model, and indexes built with the document model stay valid.
 
 use crate::templates::{prompt_parts, PromptParts, TemplateError, Templates};
-use search_r3_index::l2_normalize;
+use search_r3_index::{l2_normalize, mean_unit};
 use search_r3_model::{generate, Batch, GenerationConfig, LoadedModel, Model, Path, StopReason};
 use std::time::Instant;
 
@@ -34,16 +43,130 @@ pub enum QueryMode {
     Reason,
 }
 
+/// Which model embeds a prompt: documents always go through the document model, queries
+/// through the query tower when the adapter has one (else the same model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// A document prompt.
+    Document,
+    /// A query prompt.
+    Query,
+}
+
+/// How reasoning turns a query into one vector.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ReasonMode {
+    /// Thoughts written per query.
+    pub thoughts: usize,
+    /// Sampling temperature of the thoughts (0 = greedy; then `thoughts` must be 1).
+    pub temperature: f64,
+    /// Nucleus cut of the sampling.
+    pub top_p: Option<f64>,
+    /// The direct embedding is one more part of the average.
+    pub with_direct: bool,
+    /// Budget of each thought in tokens (`None`: the template's `max_reasoning_tokens`).
+    pub max_tokens: Option<usize>,
+    /// The model may not stop before writing this many tokens.
+    pub min_tokens: usize,
+    /// Seed of the sampling.
+    pub seed: u64,
+}
+
+impl ReasonMode {
+    /// One greedy thought, its embedding alone (Search-R3's inference).
+    pub const GREEDY: ReasonMode = ReasonMode {
+        thoughts: 1,
+        temperature: 0.0,
+        top_p: None,
+        with_direct: false,
+        max_tokens: None,
+        min_tokens: 0,
+        seed: 0,
+    };
+
+    /// `n` thoughts sampled at temperature 0.7 (nucleus 0.95), averaged with the direct
+    /// embedding.
+    pub fn mean(n: usize) -> ReasonMode {
+        ReasonMode {
+            thoughts: n.max(1),
+            temperature: 0.7,
+            top_p: Some(0.95),
+            with_direct: true,
+            ..ReasonMode::GREEDY
+        }
+    }
+
+    /// Parses `greedy`, `greedy+direct` or `mean:N` (N sampled thoughts + direct), optionally
+    /// followed by `,min=M` and `,max=B` token bounds.
+    pub fn parse(s: &str) -> Result<ReasonMode, String> {
+        let mut parts = s.split(',');
+        let head = parts.next().unwrap_or_default().trim();
+        let mut mode = match head {
+            "greedy" => ReasonMode::GREEDY,
+            "greedy+direct" => ReasonMode {
+                with_direct: true,
+                ..ReasonMode::GREEDY
+            },
+            _ => match head.strip_prefix("mean:").map(str::parse::<usize>) {
+                Some(Ok(n)) if n >= 1 => ReasonMode::mean(n),
+                _ => {
+                    return Err(format!(
+                        "unknown reasoning mode `{head}`: expected greedy, greedy+direct or \
+                         mean:N (N ≥ 1)"
+                    ))
+                }
+            },
+        };
+        for p in parts {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let v: usize = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{p}` in reasoning mode `{s}`: expected min=N or max=N"))?;
+            match k.trim() {
+                "min" => mode.min_tokens = v,
+                "max" if v >= 1 => mode.max_tokens = Some(v),
+                _ => {
+                    return Err(format!(
+                        "`{p}` in reasoning mode `{s}`: expected min=N or max=N (max ≥ 1)"
+                    ))
+                }
+            }
+        }
+        Ok(mode)
+    }
+
+    /// The mode in the syntax [`ReasonMode::parse`] reads.
+    pub fn name(&self) -> String {
+        let mut s = match (self.thoughts, self.temperature > 0.0, self.with_direct) {
+            (1, false, false) => "greedy".to_string(),
+            (1, false, true) => "greedy+direct".to_string(),
+            (n, _, _) => format!("mean:{n}"),
+        };
+        if self.min_tokens > 0 {
+            s += &format!(",min={}", self.min_tokens);
+        }
+        if let Some(m) = self.max_tokens {
+            s += &format!(",max={m}");
+        }
+        s
+    }
+}
+
 /// A query embedding and how it came about.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QueryEmbedding {
     /// Unit-norm embedding.
     pub vector: Vec<f32>,
-    /// The model's analysis (reason mode).
+    /// The model's analysis (reason mode; the first thought when there are several).
     pub reasoning: Option<String>,
-    /// True when the embed token had to be appended because the model did not write it.
+    /// Every thought written (reason mode).
+    pub thoughts: Vec<String>,
+    /// True when the embed token had to be appended because the model did not write it (to
+    /// any of the thoughts).
     pub forced: bool,
-    /// Tokens generated (reason mode).
+    /// Tokens generated for this query (reason mode; all thoughts together).
     pub generated_tokens: usize,
     /// Seconds spent generating the analysis.
     pub generation_s: f64,
@@ -63,14 +186,17 @@ pub struct DocPrompt {
 
 /// Embeds documents and queries with one model and one template set.
 pub struct Embedder {
-    /// The model and tokenizer.
+    /// The model and tokenizer (documents; queries too when there is no query tower).
     pub model: LoadedModel,
+    /// The query tower: the model queries (and their reasoning) run through, when the adapter
+    /// has one.
+    pub query_tower: Option<Model>,
+    /// How `reason` mode embeds a query.
+    pub reason_mode: ReasonMode,
     /// The prompts in use.
     pub templates: Templates,
     /// Documents longer than this many text tokens are truncated (counted and reported).
     pub max_doc_tokens: usize,
-    /// Sampling temperature for reasoning (0 = greedy, deterministic).
-    pub reason_temperature: f64,
     /// Padded tokens per forward pass when embedding prompts; longer lists are split into
     /// several passes so memory stays bounded whatever the caller hands in.
     pub batch_tokens: usize,
@@ -79,12 +205,75 @@ pub struct Embedder {
     doc: PromptParts,
     query: PromptParts,
     reason: PromptParts,
-    forced_suffix: Vec<u32>,
-    /// The suffix sentence without its embed token ("The embedding is"), and the ids that
-    /// complete it: a model that wrote the sentence but stopped short only gets the token.
-    forced_sentence: String,
-    forced_tail: Vec<u32>,
+    closer: ThoughtCloser,
     embed_id: u32,
+}
+
+/// Closes a thought that stopped without `<|embed_token|>`: appends the reasoning template's
+/// closing sentence and token, or only the token when the thought already ends with the
+/// sentence. Inference and `train reason` both build their thought sequences with it, so what
+/// is trained is what is served.
+#[derive(Debug, Clone)]
+pub struct ThoughtCloser {
+    tokenizer: search_r3_model::TextTokenizer,
+    /// `\nThe embedding is <|embed_token|>` as ids.
+    suffix: Vec<u32>,
+    /// The sentence without its token ("The embedding is").
+    sentence: String,
+    /// ` <|embed_token|>` as ids.
+    tail: Vec<u32>,
+}
+
+/// Two closers are equal when they close alike (same suffix, sentence and tail ids).
+impl PartialEq for ThoughtCloser {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.suffix, &self.sentence, &self.tail) == (&other.suffix, &other.sentence, &other.tail)
+    }
+}
+
+impl ThoughtCloser {
+    /// The closer for a template's closing `suffix` text (e.g. `"\nThe embedding is
+    /// <|embed_token|>"`), which must tokenize to end with `<|embed_token|>`.
+    pub fn new(
+        tokenizer: &search_r3_model::TextTokenizer,
+        suffix: &str,
+    ) -> Result<Self, EmbedError> {
+        let ids = tokenizer.encode(suffix)?;
+        if ids.last().copied() != tokenizer.embed_token_id {
+            return Err(TemplateError::File {
+                path: "<templates>".into(),
+                msg: "reason.suffix does not tokenize to end with <|embed_token|>".into(),
+            }
+            .into());
+        }
+        Ok(ThoughtCloser {
+            tokenizer: tokenizer.clone(),
+            suffix: ids,
+            sentence: suffix
+                .replace(search_r3_model::EMBED_TOKEN, "")
+                .trim()
+                .to_string(),
+            tail: tokenizer.encode(&format!(" {}", search_r3_model::EMBED_TOKEN))?,
+        })
+    }
+
+    /// `prompt` + `thought` + what closes it; the result ends with `<|embed_token|>`.
+    pub fn close(&self, prompt: &[u32], thought: &[u32]) -> Result<Vec<u32>, EmbedError> {
+        let mut ids = prompt.to_vec();
+        ids.extend(thought);
+        let written = self.tokenizer.decode(thought, true)?;
+        if !self.sentence.is_empty() && written.trim_end().ends_with(&self.sentence) {
+            ids.extend(&self.tail);
+        } else {
+            ids.extend(&self.suffix);
+        }
+        Ok(ids)
+    }
+
+    /// The whole closing suffix (sentence and token).
+    pub fn suffix(&self) -> &[u32] {
+        &self.suffix
+    }
 }
 
 impl Embedder {
@@ -117,19 +306,8 @@ impl Embedder {
             .into());
         }
         let reason = prompt_parts(tok, &t.reason.system, &t.reason.user, "")?;
-        let forced_suffix = tok.encode(&t.reason.suffix)?;
-        let forced_sentence = t
-            .reason
-            .suffix
-            .replace(search_r3_model::EMBED_TOKEN, "")
-            .trim()
-            .to_string();
-        let forced_tail = tok.encode(&format!(" {}", search_r3_model::EMBED_TOKEN))?;
-        for (what, ids) in [
-            ("document", &doc.suffix),
-            ("query", &query.suffix),
-            ("reason.suffix", &forced_suffix),
-        ] {
+        let closer = ThoughtCloser::new(tok, &t.reason.suffix)?;
+        for (what, ids) in [("document", &doc.suffix), ("query", &query.suffix)] {
             if ids.last() != Some(&embed_id) {
                 return Err(TemplateError::File {
                     path: "<templates>".into(),
@@ -140,17 +318,16 @@ impl Embedder {
         }
         Ok(Embedder {
             model,
+            query_tower: None,
+            reason_mode: ReasonMode::GREEDY,
             templates,
             max_doc_tokens,
-            reason_temperature: 0.0,
             batch_tokens: 4096,
             reason_batch: 16,
             doc,
             query,
             reason,
-            forced_suffix,
-            forced_sentence,
-            forced_tail,
+            closer,
             embed_id,
         })
     }
@@ -232,23 +409,44 @@ impl Embedder {
     /// What reasoning mode appends when the model stops without writing `<|embed_token|>`
     /// (the template's closing sentence, ending with the token).
     pub fn forced_suffix(&self) -> &[u32] {
-        &self.forced_suffix
+        self.closer.suffix()
+    }
+
+    /// What closes a thought that stopped without `<|embed_token|>` (see [`ThoughtCloser`]).
+    pub fn closer(&self) -> &ThoughtCloser {
+        &self.closer
     }
 
     /// Embeds prompts that each end with `<|embed_token|>`, in left-padded batches of at most
     /// [`Embedder::batch_tokens`] padded tokens (length-sorted); the result does not depend on
     /// what else is in a batch (padding is masked exactly).
-    pub fn embed_prompts(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    pub fn embed_prompts(
+        &self,
+        side: Side,
+        prompts: &[Vec<u32>],
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         Ok(self
-            .embed_prompts_raw(prompts)?
+            .embed_prompts_raw(side, prompts)?
             .into_iter()
             .map(l2_normalize)
             .collect())
     }
 
+    /// The model that embeds prompts of `side`.
+    pub fn model_for(&self, side: Side) -> &Model {
+        match (side, &self.query_tower) {
+            (Side::Query, Some(q)) => q,
+            _ => &self.model.model,
+        }
+    }
+
     /// [`Embedder::embed_prompts`] without the L2 normalisation: the final-norm hidden states
     /// at the embed token as the model computes them (TEI's `"normalize": false`).
-    pub fn embed_prompts_raw(&self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
+    pub fn embed_prompts_raw(
+        &self,
+        side: Side,
+        prompts: &[Vec<u32>],
+    ) -> Result<Vec<Vec<f32>>, EmbedError> {
         for p in prompts {
             if p.last() != Some(&self.embed_id) {
                 return Err(search_r3_model::Error::Invalid(
@@ -258,7 +456,7 @@ impl Embedder {
             }
         }
         embed_at_token(
-            &self.model.model,
+            self.model_for(side),
             prompts,
             self.model.tokenizer.pad_id,
             self.batch_tokens,
@@ -273,7 +471,7 @@ impl Embedder {
             .collect::<Result<_, _>>()?;
         let truncated = prompts.iter().filter(|p| p.truncated).count();
         let ids: Vec<Vec<u32>> = prompts.into_iter().map(|p| p.ids).collect();
-        Ok((self.embed_prompts(&ids)?, truncated))
+        Ok((self.embed_prompts(Side::Document, &ids)?, truncated))
     }
 
     /// Embeds queries (batched) in the given mode.
@@ -289,13 +487,14 @@ impl Embedder {
                     .iter()
                     .map(|q| self.query_prompt(q))
                     .collect::<Result<_, _>>()?;
-                let vecs = self.embed_prompts(&prompts)?;
+                let vecs = self.embed_prompts(Side::Query, &prompts)?;
                 let per = t0.elapsed().as_secs_f64() / queries.len().max(1) as f64;
                 Ok(vecs
                     .into_iter()
                     .map(|vector| QueryEmbedding {
                         vector,
                         reasoning: None,
+                        thoughts: vec![],
                         forced: false,
                         generated_tokens: 0,
                         generation_s: 0.0,
@@ -314,72 +513,164 @@ impl Embedder {
     }
 
     fn embed_queries_reasoning(&self, queries: &[&str]) -> Result<Vec<QueryEmbedding>, EmbedError> {
+        let mode = &self.reason_mode;
+        if mode.thoughts == 0 || (mode.temperature <= 0.0 && mode.thoughts > 1) {
+            return Err(search_r3_model::Error::Invalid(format!(
+                "reasoning mode {}: greedy decoding writes one thought per query",
+                mode.name()
+            ))
+            .into());
+        }
         let tok = &self.model.tokenizer;
+        let k = mode.thoughts;
         let prompts: Vec<Vec<u32>> = queries
             .iter()
             .map(|q| Ok(join(&self.reason, &tok.encode(q)?)))
             .collect::<Result<_, EmbedError>>()?;
+        // Row `i·k + j` is thought `j` of query `i`.
+        let rows: Vec<Vec<u32>> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), k))
+            .collect();
         let cfg = GenerationConfig {
-            max_new_tokens: self.templates.reason.max_reasoning_tokens.max(1),
-            temperature: self.reason_temperature,
+            max_new_tokens: mode
+                .max_tokens
+                .unwrap_or(self.templates.reason.max_reasoning_tokens)
+                .max(1),
+            min_new_tokens: mode.min_tokens,
+            temperature: mode.temperature,
+            top_p: mode.top_p,
+            seed: mode.seed,
             return_hidden: true,
             ..Default::default()
         };
         let t0 = Instant::now();
-        let gens = generate(&self.model.model, tok, &prompts, &cfg)?;
-        let gen_s = t0.elapsed().as_secs_f64() / queries.len().max(1) as f64;
-        let mut out = Vec::with_capacity(gens.len());
-        // Rows that did not write the embed token get the template's sentence appended and are
-        // embedded in one extra batch.
-        let mut forced_rows = Vec::new();
-        let mut forced_prompts = Vec::new();
-        for (i, g) in gens.iter().enumerate() {
-            let mut body = g.tokens.clone();
-            let forced = g.stop != StopReason::EmbedToken;
-            if forced {
-                if g.stop == StopReason::Eos {
-                    body.pop();
-                }
-                let mut ids = prompts[i].clone();
-                ids.extend(&body);
-                let written = tok.decode(&body, true)?;
-                if !self.forced_sentence.is_empty()
-                    && written.trim_end().ends_with(&self.forced_sentence)
-                {
-                    ids.extend(&self.forced_tail);
-                } else {
-                    ids.extend(&self.forced_suffix);
-                }
-                forced_rows.push(i);
-                forced_prompts.push(ids);
-            } else {
-                body.pop();
+        let thoughts = think(
+            self.model_for(Side::Query),
+            tok,
+            &self.closer,
+            &rows,
+            &cfg,
+            self.batch_tokens,
+        )?;
+        let think_s = t0.elapsed().as_secs_f64() / queries.len().max(1) as f64;
+        let t1 = Instant::now();
+        let direct = if mode.with_direct {
+            let direct: Vec<Vec<u32>> = queries
+                .iter()
+                .map(|q| self.query_prompt(q))
+                .collect::<Result<_, _>>()?;
+            self.embed_prompts(Side::Query, &direct)?
+        } else {
+            vec![]
+        };
+        let emb_s = t1.elapsed().as_secs_f64() / queries.len().max(1) as f64;
+        let mut out = Vec::with_capacity(queries.len());
+        for i in 0..queries.len() {
+            let mine = &thoughts[i * k..(i + 1) * k];
+            let mut parts: Vec<&[f32]> = mine.iter().map(|t| t.vector.as_slice()).collect();
+            if let Some(d) = direct.get(i) {
+                parts.push(d);
             }
-            let reasoning = tok.decode(&body, true)?.trim().to_string();
-            let vector = match (&g.hidden, forced) {
-                (Some(h), false) => l2_normalize(h.to_dtype(candle_core::DType::F32)?.to_vec1()?),
-                _ => vec![],
-            };
+            let texts: Vec<String> = mine.iter().map(|t| t.text.clone()).collect();
+            let generated: usize = mine.iter().map(|t| t.generated).sum();
             out.push(QueryEmbedding {
-                vector,
-                reasoning: Some(reasoning),
-                forced,
-                generated_tokens: g.tokens.len(),
-                generation_s: gen_s,
-                embedding_s: 0.0,
+                vector: mean_unit(&parts).expect("parts of one width"),
+                reasoning: texts.first().cloned(),
+                thoughts: texts,
+                forced: mine.iter().any(|t| t.forced),
+                generated_tokens: generated,
+                generation_s: think_s,
+                embedding_s: emb_s,
             });
-        }
-        if !forced_prompts.is_empty() {
-            let t1 = Instant::now();
-            let vecs = self.embed_prompts(&forced_prompts)?;
-            let per = t1.elapsed().as_secs_f64() / forced_prompts.len() as f64;
-            for (row, v) in forced_rows.into_iter().zip(vecs) {
-                out[row].vector = v;
-                out[row].embedding_s = per;
-            }
         }
         Ok(out)
     }
+}
+
+/// One written thought and the unit vector after it.
+#[derive(Debug, Clone)]
+pub struct Thought {
+    /// The thought as text (stop token and closing sentence excluded).
+    pub text: String,
+    /// Tokens the model generated (its stop token included).
+    pub generated: usize,
+    /// Those tokens.
+    pub tokens: Vec<u32>,
+    /// Their log-probabilities under the sampling distribution's source logits.
+    pub logprobs: Vec<f32>,
+    /// Why the generation stopped.
+    pub stop: StopReason,
+    /// Prompt + thought + closing, ending with `<|embed_token|>`: the sequence the vector is
+    /// the hidden state of, and what `train reason` trains on.
+    pub sequence: Vec<u32>,
+    /// Unit-norm embedding at the end of `sequence`.
+    pub vector: Vec<f32>,
+    /// The closing had to be appended ([`ThoughtCloser`]): the model did not write the token.
+    pub forced: bool,
+}
+
+/// Lets `model` write one thought per row of `prompts` (reasoning prompts, assistant turn
+/// open) under `cfg`, then embeds each: the generation's own hidden state at the embed token
+/// when the model wrote it, else prompt + thought + closing ([`ThoughtCloser`]) embedded with
+/// [`embed_at_token`] in batches of `budget` padded tokens. Inference and `train reason` both
+/// think through this function. `cfg.return_hidden` is forced on.
+pub fn think(
+    model: &Model,
+    tok: &search_r3_model::TextTokenizer,
+    closer: &ThoughtCloser,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    budget: usize,
+) -> Result<Vec<Thought>, EmbedError> {
+    let cfg = GenerationConfig {
+        return_hidden: true,
+        ..cfg.clone()
+    };
+    let gens = generate(model, tok, prompts, &cfg)?;
+    let mut out = Vec::with_capacity(gens.len());
+    let mut forced_rows = Vec::new();
+    for (i, g) in gens.into_iter().enumerate() {
+        let mut body = g.tokens.clone();
+        let forced = g.stop != StopReason::EmbedToken;
+        let (sequence, vector) = match (&g.hidden, forced) {
+            (Some(h), false) => {
+                let mut seq = prompts[i].clone();
+                seq.extend(&body);
+                body.pop();
+                let v = l2_normalize(h.to_dtype(candle_core::DType::F32)?.to_vec1()?);
+                (seq, v)
+            }
+            _ => {
+                if g.stop == StopReason::Eos || g.stop == StopReason::EmbedToken {
+                    body.pop();
+                }
+                forced_rows.push(i);
+                (closer.close(&prompts[i], &body)?, vec![])
+            }
+        };
+        out.push(Thought {
+            text: tok.decode(&body, true)?.trim().to_string(),
+            generated: g.tokens.len(),
+            tokens: g.tokens,
+            logprobs: g.logprobs,
+            stop: g.stop,
+            sequence,
+            vector,
+            forced,
+        });
+    }
+    if !forced_rows.is_empty() {
+        let seqs: Vec<Vec<u32>> = forced_rows
+            .iter()
+            .map(|&r| out[r].sequence.clone())
+            .collect();
+        let vecs = embed_at_token(model, &seqs, tok.pad_id, budget)?;
+        for (r, v) in forced_rows.into_iter().zip(vecs) {
+            out[r].vector = l2_normalize(v);
+        }
+    }
+    Ok(out)
 }
 
 /// The final-norm hidden state at the last token of each prompt (its `<|embed_token|>`), on

@@ -4,7 +4,7 @@
 //! settings, so a resumed run computes exactly the same batches, and therefore exactly the same
 //! vectors, as an uninterrupted one.
 
-use crate::embedder::{EmbedError, Embedder};
+use crate::embedder::{EmbedError, Embedder, Side};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use std::io::{IsTerminal, Read, Write};
@@ -315,7 +315,7 @@ pub fn encode_documents(
             });
         }
         let prompts: Vec<Vec<u32>> = batch.iter().map(|&i| ids[i].clone()).collect();
-        let vecs = embedder.embed_prompts(&prompts)?;
+        let vecs = embedder.embed_prompts(Side::Document, &prompts)?;
         tokens += batch.iter().map(|&i| lengths[i]).sum::<usize>();
         if let Some(ck) = ck.as_mut() {
             let items: Vec<(usize, &Vec<f32>)> = batch.iter().copied().zip(vecs.iter()).collect();

@@ -5,7 +5,7 @@
 //! base model), picks the templates, and returns the [`ModelIdentity`] (model sha256, adapter
 //! sha256, template hash) that an index records and checks on open.
 
-use crate::embedder::Embedder;
+use crate::embedder::{Embedder, ReasonMode};
 use crate::searcher::SearchError;
 use crate::templates::Templates;
 use search_r3_model::{fetch, files, load_model, state, LoadOptions, LoadedModel, Lora, Model};
@@ -22,6 +22,9 @@ pub struct ModelIdentity {
     pub sha256: String,
     /// sha256 of the adapter file, if any.
     pub adapter: Option<String>,
+    /// sha256 of the adapter's query tower ([`QUERY_ADAPTER`]), if it has one. Not part of
+    /// [`ModelIdentity::compat_map`]: document vectors do not depend on it.
+    pub query_adapter: Option<String>,
     /// Hash of the templates.
     pub template_hash: String,
 }
@@ -75,6 +78,32 @@ pub struct EmbedderOptions {
     pub templates: Option<PathBuf>,
     /// Document truncation in tokens (default 512).
     pub max_doc_tokens: Option<usize>,
+    /// How reasoning embeds a query; default: the adapter directory's `manifest.json`
+    /// `reasoning_mode` (the mode measured best for it), else one greedy thought.
+    pub reason_mode: Option<ReasonMode>,
+}
+
+/// The reasoning mode an adapter directory ships as its default (`reasoning_mode` in its
+/// `manifest.json`), if it names one.
+pub fn shipped_reason_mode(adapter: &Path) -> Result<Option<ReasonMode>, SearchError> {
+    let path = adapter.join("manifest.json");
+    if !adapter.is_dir() || !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| SearchError::Other(format!("{}: {e}", path.display())))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| SearchError::Other(format!("{}: not JSON: {e}", path.display())))?;
+    match v.get("reasoning_mode") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(m)) => ReasonMode::parse(m)
+            .map(Some)
+            .map_err(|e| SearchError::Other(format!("{}: `reasoning_mode`: {e}", path.display()))),
+        Some(other) => Err(SearchError::Other(format!(
+            "{}: `reasoning_mode` must be a string like \"mean:4\", found {other}",
+            path.display()
+        ))),
+    }
 }
 
 /// The adapter file an `--adapter` argument names: a training run's directory stands for its
@@ -86,6 +115,11 @@ pub fn adapter_file(path: &Path) -> PathBuf {
         path.to_path_buf()
     }
 }
+
+/// The query tower's file in an adapter directory: the trainable state for the plain base
+/// model that queries run through (`train reason` writes it), beside the document side's
+/// `adapter.safetensors`.
+pub const QUERY_ADAPTER: &str = "query.safetensors";
 
 /// An adapter applied to a model by [`merge_adapter`].
 pub struct MergedAdapter {
@@ -135,6 +169,20 @@ pub fn load_embedder(
 ) -> Result<(Embedder, ModelIdentity), SearchError> {
     let mut loaded = load_model(spec, &LoadOptions::default())?;
     let sha256 = model_sha256(&loaded)?;
+    // A query tower starts from the plain base model too (its file holds the whole stack).
+    let query_file = opts
+        .adapter
+        .as_ref()
+        .filter(|p| p.is_dir())
+        .map(|p| p.join(QUERY_ADAPTER))
+        .filter(|f| f.exists());
+    let mut query_tower = None;
+    let mut query_adapter = None;
+    if let Some(f) = &query_file {
+        let mut q = loaded.model.clone();
+        query_adapter = Some(merge_adapter(&mut q, f, spec, &sha256)?.sha256);
+        query_tower = Some(q);
+    }
     // Inference only from here on, so the adapter is folded into the weights.
     let adapter = match &opts.adapter {
         Some(p) => Some(merge_adapter(&mut loaded.model, p, spec, &sha256)?.sha256),
@@ -148,8 +196,15 @@ pub fn load_embedder(
         spec: spec.to_string(),
         sha256,
         adapter,
+        query_adapter,
         template_hash: templates.hash(),
     };
-    let e = Embedder::new(loaded, templates, opts.max_doc_tokens.unwrap_or(512))?;
+    let mut e = Embedder::new(loaded, templates, opts.max_doc_tokens.unwrap_or(512))?;
+    e.query_tower = query_tower;
+    e.reason_mode = match (opts.reason_mode, &opts.adapter) {
+        (Some(m), _) => m,
+        (None, Some(a)) => shipped_reason_mode(a)?.unwrap_or(ReasonMode::GREEDY),
+        (None, None) => ReasonMode::GREEDY,
+    };
     Ok((e, identity))
 }

@@ -129,3 +129,80 @@ fn query_training_prompt_marks_the_assistant_span() {
     assert_eq!(cut.len() - start_cut, ids.len() - start);
     assert_eq!(&cut[start_cut..], &ids[start..]);
 }
+
+fn adapter_dir(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../adapters")
+        .join(name)
+}
+
+#[test]
+fn averaged_mode_is_the_normalised_mean_of_its_parts() {
+    use search_r3_core::embedder::ReasonMode;
+    let Some(mut e) = embedder() else { return };
+    let qs = ["vitamin D deficiency and bone fractures"];
+    let max = Some(8);
+    e.reason_mode = ReasonMode {
+        max_tokens: max,
+        ..ReasonMode::GREEDY
+    };
+    let thought = e.embed_queries(&qs, QueryMode::Reason).unwrap();
+    let direct = e.embed_queries(&qs, QueryMode::Direct).unwrap();
+    e.reason_mode = ReasonMode::parse("greedy+direct,max=8").unwrap();
+    let both = e.embed_queries(&qs, QueryMode::Reason).unwrap();
+    let want = search_r3_index::mean_unit(&[&thought[0].vector, &direct[0].vector]).unwrap();
+    assert!(max_diff(&both[0].vector, &want) < 1e-5);
+    assert_eq!(both[0].thoughts, thought[0].thoughts);
+    // Sampled thoughts: k of them, written and counted.
+    e.reason_mode = ReasonMode::parse("mean:3,max=6").unwrap();
+    let m = e.embed_queries(&qs, QueryMode::Reason).unwrap();
+    assert_eq!(m[0].thoughts.len(), 3);
+    assert!(m[0].generated_tokens >= 3 && m[0].generated_tokens <= 18);
+    assert!((m[0].vector.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-4);
+}
+
+#[test]
+fn min_tokens_keeps_a_model_that_would_stop_at_once_reasoning() {
+    use search_r3_core::embedder::ReasonMode;
+    use search_r3_core::load::{load_embedder, EmbedderOptions};
+    if known_model_for_tests("smollm2").is_none() {
+        return;
+    }
+    // The stage-2 adapter answers "The embedding is <|embed_token|>" at once under greedy
+    // decoding (docs/benchmarks.md); a minimum makes it write first.
+    let (mut e, _) = load_embedder(
+        "smollm2",
+        &EmbedderOptions {
+            adapter: Some(adapter_dir("rl-smollm2")),
+            reason_mode: Some(ReasonMode::GREEDY),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let qs = [
+        "What causes the seasons on Earth?",
+        "vitamin D and fractures",
+    ];
+    let short = e.embed_queries(&qs, QueryMode::Reason).unwrap();
+    assert!(short.iter().all(|q| q.generated_tokens <= 6), "{short:?}");
+    e.reason_mode = ReasonMode::parse("greedy,min=12,max=20").unwrap();
+    let long = e.embed_queries(&qs, QueryMode::Reason).unwrap();
+    for q in &long {
+        assert!(
+            q.generated_tokens >= 12 && q.generated_tokens <= 20,
+            "{q:?}"
+        );
+        assert!(!q.thoughts[0].is_empty());
+    }
+}
+
+#[test]
+fn reason_mode_names_round_trip_and_bad_ones_are_refused() {
+    use search_r3_core::embedder::ReasonMode;
+    for s in ["greedy", "greedy+direct", "mean:4", "mean:2,min=12,max=32"] {
+        assert_eq!(ReasonMode::parse(s).unwrap().name(), s);
+    }
+    for bad in ["mean:0", "sample:3", "greedy,max=0", "greedy,len=3"] {
+        assert!(ReasonMode::parse(bad).is_err(), "{bad}");
+    }
+}

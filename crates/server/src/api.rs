@@ -349,8 +349,13 @@ pub(crate) struct Info {
     #[serde(flatten)]
     #[schema(inline)]
     pub limits: Limits,
-    /// Reasoning budget in tokens.
+    /// Reasoning budget in tokens (per thought).
     pub max_reasoning_tokens: usize,
+    /// How `/search` with `"reason": true` embeds a query: `greedy`, `greedy+direct` or
+    /// `mean:N` (N sampled thoughts averaged with the direct embedding), with its token bounds.
+    pub reasoning_mode: String,
+    /// sha256 of the adapter's query tower, when queries run through one.
+    pub query_adapter_sha: Option<String>,
     /// The index, when the server has one.
     pub index: Option<IndexInfo>,
     /// Server version.

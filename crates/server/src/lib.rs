@@ -282,7 +282,12 @@ impl Server {
                 workers: limits.workers.max(1),
                 ..limits
             },
-            max_reasoning_tokens: embedder.templates.reason.max_reasoning_tokens,
+            max_reasoning_tokens: embedder
+                .reason_mode
+                .max_tokens
+                .unwrap_or(embedder.templates.reason.max_reasoning_tokens),
+            reasoning_mode: embedder.reason_mode.name(),
+            query_adapter_sha: id.query_adapter.clone(),
             index: index.as_ref().map(|s| IndexInfo {
                 path: s.dir().display().to_string(),
                 kind: format!("{:?}", s.meta.kind).to_lowercase(),

@@ -9,7 +9,7 @@
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::Limits;
-use search_r3_core::embedder::{Embedder, QueryEmbedding, QueryMode};
+use search_r3_core::embedder::{Embedder, QueryEmbedding, QueryMode, Side};
 use search_r3_index::l2_normalize;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,6 +32,7 @@ type Reply<T> = oneshot::Sender<Result<(T, JobTiming), String>>;
 
 enum Task {
     Embed {
+        side: Side,
         prompts: Vec<Vec<u32>>,
         normalize: bool,
         reply: Reply<Vec<Vec<f32>>>,
@@ -132,6 +133,7 @@ impl Queue {
     /// Embeds prompts that end with the embed token (L2-normalised when `normalize`).
     pub async fn embed(
         &self,
+        side: Side,
         prompts: Vec<Vec<u32>>,
         normalize: bool,
     ) -> Result<(Vec<Vec<f32>>, JobTiming), ApiError> {
@@ -139,6 +141,7 @@ impl Queue {
         let (reply, rx) = oneshot::channel();
         self.submit(
             Task::Embed {
+                side,
                 prompts,
                 normalize,
                 reply,
@@ -184,8 +187,8 @@ impl Queue {
 fn same_kind(a: &Task, b: &Task) -> bool {
     matches!(
         (a, b),
-        (Task::Embed { .. }, Task::Embed { .. }) | (Task::Reason { .. }, Task::Reason { .. })
-    )
+        (Task::Embed { side: x, .. }, Task::Embed { side: y, .. }) if x == y
+    ) || matches!((a, b), (Task::Reason { .. }, Task::Reason { .. }))
 }
 
 fn worker(rx: &Mutex<mpsc::Receiver<Job>>, emb: &Embedder, limits: &Limits, m: &Metrics) {
@@ -277,7 +280,7 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
         inference_s: started.elapsed().as_secs_f64(),
         batch_requests: n,
     };
-    if matches!(batch[0].task, Task::Embed { .. }) {
+    if let Task::Embed { side, .. } = batch[0].task {
         let all: Vec<Vec<u32>> = batch
             .iter()
             .flat_map(|j| match &j.task {
@@ -288,7 +291,7 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
         let tokens: usize = all.iter().map(Vec::len).sum();
         m.batch_tokens.observe(tokens as f64);
         let mut vectors = run_model(m, "embed", "embedding", started, || {
-            emb.embed_prompts_raw(&all)
+            emb.embed_prompts_raw(side, &all)
         })
         .map(|v| {
             m.tokens
@@ -301,6 +304,7 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
                 prompts,
                 normalize: norm,
                 reply,
+                ..
             } = j.task
             else {
                 unreachable!("batches hold one kind")
@@ -385,12 +389,18 @@ mod tests {
             Arc::new(Metrics::new()),
         );
         assert_eq!(q.alive(), 2);
-        let (v, t) = q.embed(vec![prompt.clone()], true).await.unwrap();
+        let (v, t) = q
+            .embed(Side::Document, vec![prompt.clone()], true)
+            .await
+            .unwrap();
         assert_eq!(v[0].len(), 576);
         assert_eq!(t.batch_requests, 1);
         q.shutdown().await;
         assert_eq!(q.alive(), 0);
-        let err = q.embed(vec![prompt], true).await.unwrap_err();
+        let err = q
+            .embed(Side::Document, vec![prompt], true)
+            .await
+            .unwrap_err();
         assert_eq!(err.status.as_u16(), 503);
         assert_eq!(err.error_type, "unhealthy");
     }

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use search_r3_core::corpus::Document;
-use search_r3_core::embedder::QueryEmbedding;
+use search_r3_core::embedder::{QueryEmbedding, Side};
 use search_r3_core::searcher::Searcher;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -189,10 +189,15 @@ pub(crate) async fn embed(
     s.check_batch(texts.len(), "inputs")?;
     let ids = s.tokenize_texts(&texts, "inputs")?;
     let cut = s.cut(req.truncate, req.truncation_direction);
-    let (prompts, _) = s.prompts(ids, cut, req.prompt_name.unwrap_or_default(), "inputs")?;
+    let name = req.prompt_name.unwrap_or_default();
+    let (prompts, _) = s.prompts(ids, cut, name, "inputs")?;
+    let side = match name {
+        PromptName::Document => Side::Document,
+        PromptName::Query => Side::Query,
+    };
     let (vectors, _) = s
         .queue
-        .embed(prompts, req.normalize.unwrap_or(true))
+        .embed(side, prompts, req.normalize.unwrap_or(true))
         .await?;
     Ok(Json(vectors))
 }
@@ -239,7 +244,7 @@ pub(crate) async fn openai_embeddings(
         }
     }
     let (prompts, n_tokens) = s.prompts(ids, s.cut(None, None), PromptName::Document, "input")?;
-    let (vectors, _) = s.queue.embed(prompts, true).await?;
+    let (vectors, _) = s.queue.embed(Side::Document, prompts, true).await?;
     let data = vectors
         .into_iter()
         .enumerate()
@@ -314,10 +319,11 @@ pub(crate) async fn search(
         };
         s.queue.reason(text).await?
     } else {
-        let (mut v, t) = s.queue.embed(prompts, true).await?;
+        let (mut v, t) = s.queue.embed(Side::Query, prompts, true).await?;
         let e = QueryEmbedding {
             vector: v.remove(0),
             reasoning: None,
+            thoughts: vec![],
             forced: false,
             generated_tokens: 0,
             generation_s: 0.0,
@@ -410,7 +416,7 @@ pub(crate) async fn upsert(
     };
     let truncated = ids.iter().filter(|t| t.len() > cut.limit).count();
     let (prompts, _) = s.prompts(ids, cut, PromptName::Document, "documents")?;
-    let (vectors, _) = s.queue.embed(prompts, true).await?;
+    let (vectors, _) = s.queue.embed(Side::Document, prompts, true).await?;
     let upserted = docs.len();
     let ((), documents) = update_index(s.0.clone(), move |index| {
         index.upsert_vectors(docs, &vectors)?;
