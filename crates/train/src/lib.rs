@@ -12,6 +12,8 @@
 //! * [`run`] — what both loops share: configs and their hashes, the seeded data order,
 //!   checkpoints with exact resume, `metrics.jsonl` and curves, the final adapter + manifest;
 //! * [`sft`] — stage 1: one gradient with gradient caching, and the loop;
+//! * [`reason`] — the thought stage: expert iteration over thoughts selected by their
+//!   retrieval gain, training a query tower against frozen document vectors;
 //! * [`rl`] — stage 2: the GRPO pieces, the retrieval environment, one step, and the loop;
 //! * [`plot`] — a PNG of a run's `metrics.jsonl` curves (bundled font, no system libraries).
 #![warn(missing_docs)]
@@ -21,6 +23,7 @@ mod forward;
 pub mod losses;
 pub mod optim;
 pub mod plot;
+pub mod reason;
 pub mod rl;
 pub mod run;
 pub mod sft;

@@ -246,3 +246,38 @@ fn bad_inputs_are_refused() {
     ))
     .contains("no token"));
 }
+
+#[test]
+fn gain_reward_pays_only_the_improvement_over_no_thought() {
+    use search_r3_train::rl::grpo::RewardConfig;
+    let off = RewardConfig::default();
+    let on = RewardConfig { gain: true, ..off };
+    // DCG 1/log2(3) against a no-thought baseline of 1/log2(2) = 1: a loss of 0.369.
+    let r = 1.0 / 3f64.log2();
+    let g = on.reward_against(r, 1.0, true, 10);
+    assert!((g.total - (r - 1.0)).abs() < 1e-12 && g.baseline == 1.0 && g.retrieval == r);
+    // A tie earns nothing; an improvement earns the difference; format terms still apply.
+    assert_eq!(on.reward_against(0.5, 0.5, true, 10).total, 0.0);
+    assert!((on.reward_against(0.8, 0.5, true, 10).total - 0.3).abs() < 1e-12);
+    assert!((on.reward_against(0.8, 0.5, false, 10).total - (0.3 - 0.5)).abs() < 1e-12);
+    // Off, the baseline is ignored (the stage-2 reward as shipped).
+    let plain = off.reward_against(0.8, 0.5, true, 10);
+    assert_eq!((plain.total, plain.baseline), (0.8, 0.0));
+    assert_eq!(off.reward(0.8, true, 10), plain);
+}
+
+#[test]
+fn uniform_groups_are_recognised_for_dropping() {
+    use search_r3_train::rl::grpo::{group_advantages, informative};
+    // All gains zero (every thought tied with no thought): no signal, dropped.
+    assert!(!informative(&[0.0, 0.0, 0.0, 0.0]));
+    assert!(!informative(&[0.25; 3]));
+    assert!(informative(&[0.0, 0.0, 0.1, 0.0]));
+    // Its advantages are all zero either way; Dr. GRPO only centres the others.
+    assert_eq!(
+        group_advantages(&[0.3; 4], true, 1e-4).unwrap(),
+        vec![0.0; 4]
+    );
+    let a = group_advantages(&[0.0, 0.0, 0.4, 0.0], false, 1e-4).unwrap();
+    assert_eq!(a, vec![-0.1, -0.1, 0.30000000000000004, -0.1]);
+}

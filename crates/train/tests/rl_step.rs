@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::tiny::{tiny_with_lora, tokenizer, Rng, ASSISTANT, EMBED};
+use common::tiny::{closer, tiny_with_lora, tokenizer, Rng, EMBED};
 use search_r3_index::IndexKind;
 use search_r3_model::{LoraTarget, Model};
 use search_r3_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -33,9 +33,6 @@ fn task(n: usize, seed: u64) -> (Vec<Vec<u32>>, Vec<RlQuery>) {
         .collect();
     (docs, queries)
 }
-
-/// "The embedding is <|embed_token|>" in the tiny vocabulary.
-const FORCED: [u32; 4] = [ASSISTANT[0], ASSISTANT[1], ASSISTANT[2], EMBED];
 
 fn config() -> RlStepConfig {
     let mut c = RlStepConfig {
@@ -66,7 +63,7 @@ fn every_trainable_tensor_gets_a_finite_nonzero_gradient() {
     let (docs, queries) = task(6, 5);
     let env = RetrievalEnv::new(&m, docs, 0, 256, IndexKind::Exact, RefreshPolicy::Full).unwrap();
     let cfg = config();
-    let rolls = rollout(&m, &tok, &env, &queries[..3], &FORCED, &cfg, 7).unwrap();
+    let rolls = rollout(&m, &tok, &env, &queries[..3], &closer(), &cfg, 7).unwrap();
     assert_eq!(rolls.len(), 3 * cfg.group_size);
     for r in &rolls {
         assert_eq!(r.tokens.len(), r.logprobs.len());
@@ -156,7 +153,7 @@ fn reward_rises_on_a_synthetic_task() {
     let (mut rewards, mut retrieval) = (Vec::new(), Vec::new());
     for step in 0..24 {
         let batch = &queries[(step % 2) * 4..(step % 2) * 4 + 4];
-        let rolls = rollout(&m, &tok, &env, batch, &FORCED, &cfg, 100 + step as u64).unwrap();
+        let rolls = rollout(&m, &tok, &env, batch, &closer(), &cfg, 100 + step as u64).unwrap();
         let (mut grads, stats) = rl_gradients(&mut m, &env, batch, &rolls, &cfg, 0).unwrap();
         rewards.push(stats.reward);
         retrieval.push(stats.retrieval);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::tiny::{tiny_base, tiny_with_lora, tokenizer, Rng, ASSISTANT, EMBED};
+use common::tiny::{closer, tiny_base, tiny_with_lora, tokenizer, Rng, EMBED};
 use common::{assert_same_trainable, metric_lines};
 use search_r3_index::IndexKind;
 use search_r3_model::{Batch, LoraTarget, Model, Path as Fwd};
@@ -13,9 +13,6 @@ use search_r3_train::rl::{train_rl, RlConfig, RlData, RlQuery};
 use search_r3_train::run::config::RunConfig;
 use search_r3_train::run::TrainOptions;
 use std::path::Path;
-
-/// "The embedding is <|embed_token|>" in the tiny vocabulary.
-const FORCED: [u32; 4] = [ASSISTANT[0], ASSISTANT[1], ASSISTANT[2], EMBED];
 
 /// `n` documents; `n` queries whose gold is the document of the same index, the first
 /// `held` of them held out.
@@ -40,7 +37,7 @@ fn data(n: usize, held: usize, seed: u64) -> RlData {
         eval: queries,
         docs,
         pad_id: 0,
-        forced_suffix: FORCED.to_vec(),
+        closer: closer(),
     }
 }
 

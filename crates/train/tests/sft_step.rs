@@ -70,6 +70,7 @@ fn small_batch(seed: u64) -> SftBatch {
         examples,
         docs,
         pad_id: 0,
+        frozen_docs: None,
     }
 }
 
@@ -115,9 +116,14 @@ fn one_graph_loss(model: &mut Model, batch: &SftBatch, cfg: &SftLossConfig) -> T
     let ce = cross_entropy(&logits, &targets, &mask).unwrap();
     let kl = kl_to_reference(&logits, &ref_logits, &mask).unwrap();
 
-    let db = Batch::right_padded(&batch.docs, batch.pad_id).unwrap();
-    let docs = last_rows(&model.forward(&db, Path::Diff, None).unwrap(), &batch.docs);
-    let n = batch.docs.len();
+    let docs = match &batch.frozen_docs {
+        Some(t) => t.clone(),
+        None => {
+            let db = Batch::right_padded(&batch.docs, batch.pad_id).unwrap();
+            last_rows(&model.forward(&db, Path::Diff, None).unwrap(), &batch.docs)
+        }
+    };
+    let n = docs.dim(0).unwrap();
     let mut keep = vec![1f32; b * n];
     for (i, e) in batch.examples.iter().enumerate() {
         for &p in &e.positives[1..] {
@@ -222,6 +228,61 @@ fn gradcache_equals_one_graph() {
     );
 }
 
+/// Frozen document vectors (a query tower against a fixed index) are constants of the loss:
+/// the gradient equals the one-graph gradient with those vectors as constants, and differs
+/// from the gradient that also trains the document encodings.
+#[test]
+fn frozen_documents_are_constants_of_the_loss() {
+    let mut model = tiny_model(7, true);
+    let trained = small_batch(11);
+    let db = Batch::right_padded(&trained.docs, 0).unwrap();
+    let fixed = last_rows(
+        &model.forward(&db, Path::Fast, None).unwrap(),
+        &trained.docs,
+    );
+    let frozen = SftBatch {
+        docs: vec![],
+        frozen_docs: Some(fixed.detach()),
+        ..trained.clone()
+    };
+    let cfg = SftLossConfig::default();
+    let out = sft_gradients(&mut model, &frozen, &cfg, 24).unwrap();
+    let loss = one_graph_loss(&mut model, &frozen, &cfg);
+    let full = loss.backward().unwrap();
+    let with_docs = sft_gradients(&mut model, &trained, &cfg, 24).unwrap();
+    // Same vectors, so the same loss value; only the gradient's document half is gone.
+    assert!(
+        (out.terms.total - with_docs.terms.total).abs() < 1e-4,
+        "{:?}",
+        out.terms
+    );
+    let mut moved = 0f64;
+    for (name, var) in &model.trainable_vars() {
+        let g = out
+            .grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let r = full.get(var).unwrap();
+        let rel = norm(&(g - r).unwrap()) / norm(r);
+        assert!(rel <= 1e-4, "{name}: relative difference {rel:e}");
+        let w = with_docs.grads.get(var).unwrap();
+        moved = moved.max(norm(&(g - w).unwrap()) / norm(w));
+    }
+    assert!(
+        moved > 1e-3,
+        "frozen documents changed no gradient ({moved:e})"
+    );
+    // Prompts and frozen vectors together are refused.
+    let both = SftBatch {
+        frozen_docs: Some(fixed),
+        ..trained
+    };
+    let err = sft_gradients(&mut model, &both, &cfg, 24)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not both"), "{err}");
+}
+
 /// The assistant span equals the base model's when the adapters are a no-op (B = 0), so the KL
 /// term is 0 (up to the ~1e-5 difference between the fast reference and the differentiable
 /// policy forward); CE alone is positive.
@@ -301,6 +362,7 @@ fn overfits_eight_examples() {
         examples,
         docs,
         pad_id: 0,
+        frozen_docs: None,
     };
     let cfg = SftLossConfig::default();
     let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default()).unwrap();

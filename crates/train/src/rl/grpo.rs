@@ -4,8 +4,12 @@
 //!   top-k and 0 outside, averaged over the query's relevant documents;
 //! * the format terms — a penalty when a trajectory never emits `<|embed_token|>`, another
 //!   when its reasoning runs past the budget, and optional length shaping;
+//! * optionally the *gain* over not reasoning as the retrieval term (TongSearch-QR, s3), so
+//!   reasoning is paid only where it helps;
 //! * group-normalised advantages (Shao et al., 2024, DeepSeekMath §4.1.2):
-//!   `Â_i = (r_i − mean(r)) / (std(r) + ε)` over the G trajectories of one query;
+//!   `Â_i = (r_i − mean(r)) / (std(r) + ε)` over the G trajectories of one query, or only
+//!   centred (Dr. GRPO, Liu et al., 2025); groups whose rewards are all equal can be dropped
+//!   (DAPO's dynamic sampling);
 //! * the clipped surrogate with a k3 KL penalty, averaged over *tokens* of the whole batch
 //!   (every reasoning token weighs the same, however long its trajectory — the "token-level"
 //!   averaging of DAPO, Yu et al., 2025), per token:
@@ -52,6 +56,11 @@ pub struct RewardConfig {
     pub over_budget_penalty: f64,
     /// Length shaping: subtracts `length_penalty · tokens / reasoning_budget` (0 = off).
     pub length_penalty: f64,
+    /// Pay only for the *gain* over not reasoning (TongSearch-QR; s3's "gain beyond
+    /// baseline"): the retrieval term becomes the trajectory's DCG minus the DCG of the same
+    /// query embedded with no thought at all, so a thought that merely ties earns nothing and
+    /// one that hurts is punished (default false).
+    pub gain: bool,
 }
 
 impl Default for RewardConfig {
@@ -62,6 +71,7 @@ impl Default for RewardConfig {
             reasoning_budget: 64,
             over_budget_penalty: 0.5,
             length_penalty: 0.0,
+            gain: false,
         }
     }
 }
@@ -75,13 +85,28 @@ pub struct Reward {
     pub format: f64,
     /// Length shaping term (≤ 0).
     pub length: f64,
-    /// `retrieval + format + length`.
+    /// The no-thought DCG subtracted under [`RewardConfig::gain`] (0 otherwise).
+    pub baseline: f64,
+    /// `retrieval − baseline + format + length`.
     pub total: f64,
 }
 
 impl RewardConfig {
     /// Combines a trajectory's retrieval reward with its format and length terms.
     pub fn reward(&self, retrieval: f64, emitted_embed: bool, reasoning_tokens: usize) -> Reward {
+        self.reward_against(retrieval, 0.0, emitted_embed, reasoning_tokens)
+    }
+
+    /// [`RewardConfig::reward`] relative to `baseline`, the DCG reward of the query's
+    /// no-thought embedding; the baseline is subtracted only when [`RewardConfig::gain`] is on.
+    pub fn reward_against(
+        &self,
+        retrieval: f64,
+        baseline: f64,
+        emitted_embed: bool,
+        reasoning_tokens: usize,
+    ) -> Reward {
+        let baseline = if self.gain { baseline } else { 0.0 };
         let budget = self.reasoning_budget.max(1) as f64;
         let mut format = 0.0;
         if !emitted_embed {
@@ -95,9 +120,22 @@ impl RewardConfig {
             retrieval,
             format,
             length,
-            total: retrieval + format + length,
+            baseline,
+            total: retrieval - baseline + format + length,
         }
     }
+}
+
+/// Whether a group's rewards differ at all. A group whose trajectories all earned the same
+/// reward has zero advantages; DAPO's dynamic sampling drops such groups so they do not dilute
+/// the token mean of the informative ones.
+pub fn informative(rewards: &[f64]) -> bool {
+    let (lo, hi) = rewards
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &r| {
+            (l.min(r), h.max(r))
+        });
+    hi - lo > 1e-12
 }
 
 /// GRPO advantages of one group: `(r_i − mean) / (std + eps)` with the sample (n − 1)

@@ -16,8 +16,5 @@ pub mod grpo;
 mod step;
 mod trainer;
 
-pub use step::{
-    reason_and_embed, rl_gradients, rollout, touched_documents, RlQuery, RlStats, RlStepConfig,
-    Rollout, Trajectory,
-};
+pub use step::{rl_gradients, rollout, touched_documents, RlQuery, RlStats, RlStepConfig, Rollout};
 pub use trainer::{evaluate_reasoning, policy_name, train_rl, RlConfig, RlData, RlEval, RlSummary};

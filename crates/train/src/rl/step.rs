@@ -17,15 +17,17 @@
 //! trains the embedding itself") and GRPO's token objective cannot provide.
 
 use super::env::RetrievalEnv;
-use super::grpo::{group_advantages, grpo_loss, GrpoLossConfig, GrpoStats, Reward, RewardConfig};
+use super::grpo::{
+    group_advantages, grpo_loss, informative, GrpoLossConfig, GrpoStats, Reward, RewardConfig,
+};
 use crate::error::{invalid, Result};
 use crate::forward::{embed_unit, encode, micro_batches, rows, scalar, with_reference};
 use crate::losses::{info_nce, token_log_probs};
 use crate::optim::GradAccumulator;
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
-use search_r3_index::l2_normalize;
-use search_r3_model::{generate, GenerationConfig, Model, Path, StopReason, TextTokenizer};
+use candle_core::{Tensor, Var};
+use search_r3_core::embedder::{think, Thought, ThoughtCloser};
+use search_r3_model::{GenerationConfig, Model, Path, StopReason, TextTokenizer};
 use serde::{Deserialize, Serialize};
 
 /// A training query for stage 2: the reasoning prompt (everything before the model's first
@@ -60,6 +62,9 @@ pub struct RlStepConfig {
     pub touch_top: usize,
     /// Padded tokens per differentiable forward.
     pub micro_tokens: usize,
+    /// Leave groups whose rewards are all equal out of the GRPO token mean (DAPO's dynamic
+    /// sampling; they carry no advantage, only dilution).
+    pub drop_uniform_groups: bool,
     /// Reward terms.
     pub reward: RewardConfig,
     /// GRPO objective.
@@ -78,6 +83,7 @@ impl Default for RlStepConfig {
             tau: 0.05,
             touch_top: 10,
             micro_tokens: 2048,
+            drop_uniform_groups: false,
             reward: RewardConfig::default(),
             loss: GrpoLossConfig::default(),
         }
@@ -107,6 +113,8 @@ pub struct Rollout {
     pub reward: Reward,
     /// Group-normalised advantage.
     pub advantage: f64,
+    /// Its group's rewards were all equal and `drop_uniform_groups` left it out of the loss.
+    pub dropped: bool,
 }
 
 /// What a step saw, for logging.
@@ -122,6 +130,13 @@ pub struct RlStats {
     pub reward_ge_half: f64,
     /// Mean generated tokens per trajectory.
     pub length: f64,
+    /// Share of trajectories whose retrieval beat the query's no-thought embedding (with
+    /// [`RewardConfig::gain`]).
+    #[serde(default)]
+    pub positive_gain: Option<f64>,
+    /// Share of trajectories left out because their group's rewards were all equal.
+    #[serde(default)]
+    pub dropped_groups: f64,
     /// GRPO objective statistics (token-weighted over the batch).
     pub grpo: GrpoStats,
     /// The embedding InfoNCE value (mean over trajectories), when on.
@@ -131,21 +146,21 @@ pub struct RlStats {
 }
 
 /// Samples `group_size` trajectories per query, embeds and rewards them against `env`, and
-/// computes group advantages. A trajectory that stops without `<|embed_token|>` is embedded
-/// with `forced_suffix` (the template's closing sentence, ending with the embed token)
-/// appended, as inference does. `seed` makes the sampling reproducible.
+/// computes group advantages. Trajectories are written and embedded by
+/// [`search_r3_core::embedder::think`], as inference does: one that stops without
+/// `<|embed_token|>` is closed by `closer` (the template's closing sentence) and embedded
+/// there. `seed` makes the sampling reproducible.
 pub fn rollout(
     model: &Model,
     tok: &TextTokenizer,
     env: &RetrievalEnv,
     queries: &[RlQuery],
-    forced_suffix: &[u32],
+    closer: &ThoughtCloser,
     cfg: &RlStepConfig,
     seed: u64,
 ) -> Result<Vec<Rollout>> {
-    let embed_id = model.embed_token.as_ref().map(|e| e.id);
-    if embed_id.is_none() || forced_suffix.last().copied() != embed_id {
-        invalid!("rollout: the model needs <|embed_token|> and the forced suffix must end with it");
+    if model.embed_token.is_none() {
+        invalid!("rollout: the model needs <|embed_token|>");
     }
     if cfg.group_size < 2 {
         invalid!("group_size must be at least 2 (advantages compare trajectories of a query)");
@@ -163,120 +178,72 @@ pub fn rollout(
         seed,
         ..Default::default()
     };
-    let trajectories = reason_and_embed(
-        model,
-        tok,
-        &prompts,
-        forced_suffix,
-        &gen_cfg,
-        cfg.micro_tokens,
-    )?;
+    let trajectories = think_all(model, tok, closer, &prompts, &gen_cfg, cfg.micro_tokens)?;
+    // Under the gain reward, each query's no-thought embedding (its prompt closed at once)
+    // is the baseline its trajectories must beat.
+    let baselines: Vec<f64> = if cfg.reward.gain {
+        let seqs: Vec<Vec<u32>> = queries
+            .iter()
+            .map(|q| closer.close(&q.prompt, &[]))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| crate::Error::Invalid(format!("closing a prompt: {e}")))?;
+        let vecs = embed_unit(model, &seqs, tok.pad_id, cfg.micro_tokens)?;
+        vecs.iter()
+            .zip(queries)
+            .map(|(v, q)| Ok(env.reward(v, &q.gold, cfg.reward.top_k)?.0))
+            .collect::<Result<_>>()?
+    } else {
+        vec![0.0; queries.len()]
+    };
     let mut out = Vec::with_capacity(trajectories.len());
     for (i, t) in trajectories.into_iter().enumerate() {
         let q = i / cfg.group_size;
-        let (retrieval, ranking) = env.reward(&t.embedding, &queries[q].gold, cfg.reward.top_k)?;
+        let (retrieval, ranking) = env.reward(&t.vector, &queries[q].gold, cfg.reward.top_k)?;
+        let reasoning = reasoning_len(&t);
         out.push(Rollout {
             query: q,
-            reward: cfg.reward.reward(retrieval, t.emitted, t.reasoning_len),
+            reward: cfg
+                .reward
+                .reward_against(retrieval, baselines[q], !t.forced, reasoning),
             tokens: t.tokens,
             sequence: t.sequence,
             logprobs: t.logprobs,
-            emitted: t.emitted,
-            embedding: t.embedding,
+            emitted: !t.forced,
+            embedding: t.vector,
             ranking,
             advantage: 0.0,
+            dropped: false,
         });
     }
     for group in out.chunks_mut(cfg.group_size) {
         let rewards: Vec<f64> = group.iter().map(|r| r.reward.total).collect();
         let adv = group_advantages(&rewards, cfg.scale_advantages, 1e-4)?;
+        let dropped = cfg.drop_uniform_groups && !informative(&rewards);
         for (r, a) in group.iter_mut().zip(adv) {
             r.advantage = a;
+            r.dropped = dropped;
         }
     }
     Ok(out)
 }
 
-/// A generated reasoning trajectory and its embedding (see [`reason_and_embed`]).
-#[derive(Debug, Clone)]
-pub struct Trajectory {
-    /// Generated tokens (the stop token included).
-    pub tokens: Vec<u32>,
-    /// Their log-probabilities under the sampling distribution.
-    pub logprobs: Vec<f32>,
-    /// Prompt + what is embedded (see [`Rollout::sequence`]); ends with `<|embed_token|>`.
-    pub sequence: Vec<u32>,
-    /// Whether the model wrote `<|embed_token|>` itself.
-    pub emitted: bool,
-    /// Reasoning tokens (the stop token excluded).
-    pub reasoning_len: usize,
-    /// Unit-norm hidden state at the (emitted or forced) embed token.
-    pub embedding: Vec<f32>,
-}
-
-/// Lets the model reason from each prompt (batched generation with the KV cache, stopping at
-/// `<|embed_token|>`, EOS or `gen.max_new_tokens`) and embeds the result: the hidden state at
-/// the emitted token, or, for a trajectory that stopped without it, at the end of
-/// `forced_suffix` appended to its text (EOS dropped), as inference does. `gen`'s stop and
-/// hidden-state switches are set here; temperature 0 is greedy.
-pub fn reason_and_embed(
+/// [`think`] with its error in this crate's terms.
+pub(crate) fn think_all(
     model: &Model,
     tok: &TextTokenizer,
+    closer: &ThoughtCloser,
     prompts: &[Vec<u32>],
-    forced_suffix: &[u32],
     gen: &GenerationConfig,
     micro_tokens: usize,
-) -> Result<Vec<Trajectory>> {
-    let gen_cfg = GenerationConfig {
-        stop_at_eos: true,
-        stop_at_embed_token: true,
-        return_hidden: true,
-        ..gen.clone()
-    };
-    let gens = generate(model, tok, prompts, &gen_cfg)?;
-    let mut sequences = Vec::with_capacity(gens.len());
-    let mut forced = Vec::new();
-    for (i, g) in gens.iter().enumerate() {
-        let mut seq = prompts[i].clone();
-        if g.stop == StopReason::EmbedToken {
-            seq.extend(&g.tokens);
-        } else {
-            let body = match g.stop {
-                StopReason::Eos => &g.tokens[..g.tokens.len() - 1],
-                _ => &g.tokens[..],
-            };
-            seq.extend(body);
-            seq.extend(forced_suffix);
-            forced.push(i);
-        }
-        sequences.push(seq);
-    }
-    // Emitted trajectories carry their hidden state from generation; forced ones need one
-    // more forward over the appended suffix.
-    let forced_seqs: Vec<Vec<u32>> = forced.iter().map(|&i| sequences[i].clone()).collect();
-    let mut forced_vecs = if forced_seqs.is_empty() {
-        Vec::new()
-    } else {
-        embed_unit(model, &forced_seqs, tok.pad_id, micro_tokens)?
-    }
-    .into_iter();
-    let mut out = Vec::with_capacity(gens.len());
-    for (g, sequence) in gens.into_iter().zip(sequences) {
-        let emitted = g.stop == StopReason::EmbedToken;
-        let embedding = match (&g.hidden, emitted) {
-            (Some(h), true) => l2_normalize(h.to_dtype(DType::F32)?.to_vec1()?),
-            _ => forced_vecs.next().expect("one vector per forced row"),
-        };
-        out.push(Trajectory {
-            reasoning_len: g.tokens.len() - usize::from(g.stop != StopReason::Budget),
-            tokens: g.tokens,
-            logprobs: g.logprobs,
-            sequence,
-            emitted,
-            embedding,
-        });
-    }
-    Ok(out)
+) -> Result<Vec<Thought>> {
+    think(model, tok, closer, prompts, gen, micro_tokens)
+        .map_err(|e| crate::Error::Invalid(format!("reasoning: {e}")))
+}
+
+/// Reasoning tokens of a thought: what it generated, its stop token (EOS or the embed token)
+/// excluded.
+pub(crate) fn reasoning_len(t: &Thought) -> usize {
+    t.tokens.len() - usize::from(t.stop != StopReason::Budget)
 }
 
 /// Documents whose vectors the step's rewards depended on: every gold document, then the top
@@ -312,10 +279,13 @@ pub fn rl_gradients(
         invalid!("rl_gradients: no rollouts");
     }
     let seqs: Vec<&Vec<u32>> = rollouts.iter().map(|r| &r.sequence).collect();
-    let total_tokens: usize = rollouts.iter().map(|r| r.tokens.len()).sum();
-    if total_tokens == 0 {
+    let generated: usize = rollouts.iter().map(|r| r.tokens.len()).sum();
+    if generated == 0 {
         invalid!("rl_gradients: the rollouts generated no tokens");
     }
+    // Tokens of the trajectories the GRPO mean runs over (dropped groups left out).
+    let counted = |r: &Rollout| if r.dropped { 0 } else { r.tokens.len() };
+    let total_tokens: usize = rollouts.iter().map(counted).sum();
     let use_nce = cfg.lambda_nce > 0.0;
 
     let vars: Vec<Var> = model.trainable_vars().into_iter().map(|(_, v)| v).collect();
@@ -332,7 +302,7 @@ pub fn rl_gradients(
             .map(|&i| rollouts[i].tokens.len())
             .max()
             .unwrap_or(0);
-        let mb_tokens: usize = mb.iter().map(|&i| rollouts[i].tokens.len()).sum();
+        let mb_tokens: usize = mb.iter().map(|&i| counted(&rollouts[i])).sum();
         let mut surrogate: Option<Tensor> = None;
         if mb_tokens > 0 {
             let (n, w) = (mb.len(), width);
@@ -340,7 +310,7 @@ pub fn rl_gradients(
             let mut targets = vec![0u32; n * w];
             let mut old = vec![0f32; n * w];
             let mut mask = vec![0f32; n * w];
-            for (k, &i) in mb.iter().enumerate() {
+            for (k, &i) in mb.iter().enumerate().filter(|(_, &i)| !rollouts[i].dropped) {
                 let r = &rollouts[i];
                 let p = queries[r.query].prompt.len();
                 for (j, (&tok, &lp)) in r.tokens.iter().zip(&r.logprobs).enumerate() {
@@ -401,7 +371,15 @@ pub fn rl_gradients(
         retrieval: rollouts.iter().map(|r| r.reward.retrieval).sum::<f64>() / n,
         emitted: rollouts.iter().filter(|r| r.emitted).count() as f64 / n,
         reward_ge_half: rollouts.iter().filter(|r| r.reward.total >= 0.5).count() as f64 / n,
-        length: total_tokens as f64 / n,
+        length: generated as f64 / n,
+        positive_gain: cfg.reward.gain.then(|| {
+            rollouts
+                .iter()
+                .filter(|r| r.reward.retrieval > r.reward.baseline)
+                .count() as f64
+                / n
+        }),
+        dropped_groups: rollouts.iter().filter(|r| r.dropped).count() as f64 / n,
         grpo: acc.grpo,
         nce: acc.nce,
         loss: acc.loss,

@@ -25,8 +25,8 @@
 
 use super::env::{exact_index, exact_reward, ProbeQuery, RefreshPolicy, RetrievalEnv};
 use super::step::{
-    reason_and_embed, rl_gradients, rollout, touched_documents, RlQuery, RlStats, RlStepConfig,
-    Rollout,
+    reasoning_len, rl_gradients, rollout, think_all, touched_documents, RlQuery, RlStats,
+    RlStepConfig, Rollout,
 };
 use crate::error::{invalid, Error, Result};
 use crate::forward::embed_unit;
@@ -38,6 +38,7 @@ use crate::run::finish::finish;
 use crate::run::log::{MetricsLog, Pace};
 use crate::run::{self, BestEval, Stop, TrainOptions};
 use candle_core::Var;
+use search_r3_core::embedder::ThoughtCloser;
 use search_r3_core::metrics::evaluate_query;
 use search_r3_index::{IndexKind, VectorIndex};
 use search_r3_model::state::{load_trainable, save_trainable};
@@ -204,8 +205,8 @@ pub struct RlData {
     pub docs: Vec<Vec<u32>>,
     /// Padding id.
     pub pad_id: u32,
-    /// Appended to a trajectory that stops without `<|embed_token|>` (ends with the token).
-    pub forced_suffix: Vec<u32>,
+    /// Closes a trajectory that stops without `<|embed_token|>` (as inference does).
+    pub closer: ThoughtCloser,
 }
 
 impl RlData {
@@ -216,9 +217,6 @@ impl RlData {
         }
         if self.docs.is_empty() {
             invalid!("rl data: the environment corpus is empty");
-        }
-        if self.forced_suffix.is_empty() {
-            invalid!("rl data: empty forced suffix");
         }
         let n = self.docs.len();
         for (set, qs) in [("training", &self.queries), ("held-out", &self.eval)] {
@@ -242,7 +240,7 @@ impl RlData {
         let mut h = Sha256::new();
         let mut put = |x: u64| h.update(x.to_le_bytes());
         put(self.pad_id as u64);
-        for list in [&self.docs, &vec![self.forced_suffix.clone()]] {
+        for list in [&self.docs, &vec![self.closer.suffix().to_vec()]] {
             put(list.len() as u64);
             for d in list.iter() {
                 put(d.len() as u64);
@@ -284,7 +282,7 @@ pub fn evaluate_reasoning(
     model: &Model,
     tok: &TextTokenizer,
     queries: &[RlQuery],
-    forced_suffix: &[u32],
+    closer: &ThoughtCloser,
     docs: &[Vec<f32>],
     cfg: &RlStepConfig,
 ) -> Result<RlEval> {
@@ -303,11 +301,10 @@ pub fn evaluate_reasoning(
     // Each generating row holds a KV cache; 16 at a time keeps memory flat.
     for chunk in queries.chunks(16) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|q| q.prompt.clone()).collect();
-        let trajectories =
-            reason_and_embed(model, tok, &prompts, forced_suffix, &gen, micro_tokens)?;
+        let trajectories = think_all(model, tok, closer, &prompts, &gen, micro_tokens)?;
         for (q, t) in chunk.iter().zip(trajectories) {
             let probe = ProbeQuery {
-                embedding: t.embedding,
+                embedding: t.vector.clone(),
                 gold: q.gold.clone(),
             };
             let reward = exact_reward(&index, &probe, top_k)?;
@@ -326,8 +323,8 @@ pub fn evaluate_reasoning(
                 ndcg,
                 reward,
                 f64::from(reward >= 0.5),
-                f64::from(t.emitted),
-                t.reasoning_len as f64,
+                f64::from(!t.forced),
+                reasoning_len(&t) as f64,
             ]) {
                 *s += v;
             }
@@ -412,25 +409,6 @@ pub fn policy_name(p: &RefreshPolicy) -> String {
     }
 }
 
-/// Saves the trainable state as an adapter for the plain base model: this stage's adapter
-/// stacked onto `base` (the folded stage-1 adapter) when there is one.
-fn save_adapter(
-    model: &Model,
-    base: Option<&Lora>,
-    path: &Path,
-    meta: &HashMap<String, String>,
-) -> Result<()> {
-    match (base, &model.lora) {
-        (Some(b), Some(mine)) => {
-            let mut m = model.clone();
-            m.lora = Some(b.stack(mine)?);
-            save_trainable(&m, path, meta)?;
-        }
-        _ => save_trainable(model, path, meta)?,
-    }
-    Ok(())
-}
-
 /// Runs (or resumes) stage-2 training of `model` on `data`.
 ///
 /// `model` must carry no LoRA adapters (fold the stage-1 adapter in with
@@ -464,7 +442,7 @@ pub fn train_rl(
         );
     }
     let out = opts.out.as_path();
-    let base_hash = policy_base_hash(base, &opts.adapter_metadata)?;
+    let base_hash = run::policy_base_hash(base, &opts.adapter_metadata)?;
     run::attach_adapters(model, &cfg.lora, opts)?;
     let (mut state, env, baselines) = start(model, data, cfg, base_hash, opts)?;
     let (opt, vars) = run::optimizer(model, cfg.adamw, opts)?;
@@ -571,7 +549,8 @@ pub fn train_rl(
         json!({"reencoded_total": run.env.reencoded_total(), "updates": run.env.version(),
                "policy": cfg.refresh}),
     );
-    let save = |path: &Path, meta: &HashMap<String, String>| save_adapter(model, base, path, meta);
+    let save =
+        |path: &Path, meta: &HashMap<String, String>| run::save_stacked(model, base, path, meta);
     finish(opts, &save, state.step, state.best, fields, &run.log)?;
     Ok(summary)
 }
@@ -624,7 +603,7 @@ impl Run<'_> {
             self.tok,
             &self.env,
             &batch,
-            &data.forced_suffix,
+            &data.closer,
             &cfg.rollout,
             seed,
         )?;
@@ -665,6 +644,7 @@ impl Run<'_> {
                     "reward": {"mean": stats.reward, "retrieval": stats.retrieval,
                                "ge_half": stats.reward_ge_half},
                     "emitted": stats.emitted, "length": stats.length,
+                    "positive_gain": stats.positive_gain, "dropped_groups": stats.dropped_groups,
                     "loss": {"total": stats.loss, "grpo": stats.grpo.surrogate, "nce": stats.nce},
                     "kl": stats.grpo.kl, "clip_fraction": stats.grpo.clip_fraction,
                     "ratio": stats.grpo.ratio, "grad_norm": norm,
@@ -681,11 +661,14 @@ impl Run<'_> {
         }
         // A line per step, terminal or log: a bar would hide these numbers.
         self.say(format!(
-            "step {}/{} reward {:.3} retrieval {:.3} emitted {:.0}% length {:.1} kl {:.4} loss {:.3} lr {lr:.1e} {}",
+            "step {}/{} reward {:.3} retrieval {:.3}{} emitted {:.0}% length {:.1} kl {:.4} loss {:.3} lr {lr:.1e} {}",
             state.step,
             cfg.steps,
             stats.reward,
             stats.retrieval,
+            stats
+                .positive_gain
+                .map_or(String::new(), |g| format!(" gain>0 {:.0}%", 100.0 * g)),
             100.0 * stats.emitted,
             stats.length,
             stats.grpo.kl,
@@ -726,14 +709,7 @@ impl Run<'_> {
         best: &mut Option<BestEval>,
     ) -> Result<RlEval> {
         let d = self.data;
-        let e = evaluate_reasoning(
-            model,
-            self.tok,
-            &d.eval,
-            &d.forced_suffix,
-            docs,
-            &self.cfg.rollout,
-        )?;
+        let e = evaluate_reasoning(model, self.tok, &d.eval, &d.closer, docs, &self.cfg.rollout)?;
         self.log.line(&json!({"step": step, "eval": {
             "ndcg@10": e.ndcg10, "reward": e.reward, "reward_ge_half": e.reward_ge_half,
             "emitted": e.emitted, "length": e.length}}))?;
@@ -747,7 +723,7 @@ impl Run<'_> {
         ));
         if BestEval::improve(best, step, e.ndcg10) {
             let path = self.opts.out.join("best.safetensors");
-            save_adapter(model, self.base, &path, &self.opts.adapter_metadata)?;
+            run::save_stacked(model, self.base, &path, &self.opts.adapter_metadata)?;
         }
         Ok(e)
     }
@@ -850,29 +826,6 @@ fn start(
         .map(|i| RetrievalEnv::load(&dir.join(baseline_dir(i)), data.docs.clone(), pad, micro))
         .collect::<Result<Vec<_>>>()?;
     Ok((s, env, baselines))
-}
-
-/// sha256 of what the stage-2 policy starts from besides this stage's adapter: the base model
-/// as the adapter metadata names it, and the folded stage-1 adapter's configuration and values.
-fn policy_base_hash(base: Option<&Lora>, meta: &HashMap<String, String>) -> Result<String> {
-    let mut h = Sha256::new();
-    for key in ["base_model", "base_model_sha256"] {
-        h.update(meta.get(key).map_or("", String::as_str).as_bytes());
-        h.update([0]);
-    }
-    if let Some(lora) = base {
-        h.update(serde_json::to_vec(&lora.config).expect("lora config serialises"));
-        for (name, var) in lora.named_vars() {
-            h.update(name.as_bytes());
-            let values: Vec<f32> = var
-                .as_tensor()
-                .to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-            values.iter().for_each(|v| h.update(v.to_le_bytes()));
-        }
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 /// The environment's stored vectors, by document.

@@ -23,6 +23,9 @@ pub(crate) const SFT_STATE: &str = "trainer_state.json";
 /// Stage 2's state file.
 pub(crate) const RL_STATE: &str = "rl_state.json";
 
+/// The thought stage's state file.
+pub(crate) const REASON_STATE: &str = "reason_state.json";
+
 /// How a training stage's checkpoint is recognised.
 pub(crate) struct CheckpointKind {
     /// Its state file in `checkpoint/`.
@@ -55,6 +58,17 @@ pub(crate) const RL_CHECKPOINT: CheckpointKind = CheckpointKind {
     foreign: (
         SFT_STATE,
         "this is a stage-1 (train sft) checkpoint; give train rl another output directory",
+    ),
+};
+
+/// The thought stage's (`train reason`) checkpoints.
+pub(crate) const REASON_CHECKPOINT: CheckpointKind = CheckpointKind {
+    state_file: REASON_STATE,
+    format: "search-r3-reason-checkpoint-1",
+    missing: "no train-reason checkpoint to resume from (run without --resume to start afresh)",
+    foreign: (
+        RL_STATE,
+        "this is a stage-2 (train rl) checkpoint; give train reason another output directory",
     ),
 };
 

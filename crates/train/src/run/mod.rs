@@ -22,9 +22,12 @@ use crate::error::Result;
 use crate::optim::{AdamW, AdamWConfig};
 use candle_core::Var;
 use config::LoraSection;
-use search_r3_model::Model;
+use search_r3_model::state::save_trainable;
+use search_r3_model::{Lora, Model};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::path::Path;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -137,4 +140,49 @@ pub(crate) struct Stop {
     pub(crate) early: bool,
     /// That stop was an interrupt.
     pub(crate) interrupted: bool,
+}
+
+/// Saves the trainable state as an adapter for the plain base model: this stage's adapter
+/// stacked onto `base` (the folded adapter the stage started from) when there is one.
+pub(crate) fn save_stacked(
+    model: &Model,
+    base: Option<&Lora>,
+    path: &Path,
+    meta: &HashMap<String, String>,
+) -> Result<()> {
+    match (base, &model.lora) {
+        (Some(b), Some(mine)) => {
+            let mut m = model.clone();
+            m.lora = Some(b.stack(mine)?);
+            save_trainable(&m, path, meta)?;
+        }
+        _ => save_trainable(model, path, meta)?,
+    }
+    Ok(())
+}
+
+/// sha256 of what a stacked stage starts from besides its own adapter: the base model as the
+/// adapter metadata names it, and the folded adapter's configuration and values.
+pub(crate) fn policy_base_hash(
+    base: Option<&Lora>,
+    meta: &HashMap<String, String>,
+) -> Result<String> {
+    let mut h = Sha256::new();
+    for key in ["base_model", "base_model_sha256"] {
+        h.update(meta.get(key).map_or("", String::as_str).as_bytes());
+        h.update([0]);
+    }
+    if let Some(lora) = base {
+        h.update(serde_json::to_vec(&lora.config).expect("lora config serialises"));
+        for (name, var) in lora.named_vars() {
+            h.update(name.as_bytes());
+            let values: Vec<f32> = var
+                .as_tensor()
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            values.iter().for_each(|v| h.update(v.to_le_bytes()));
+        }
+    }
+    Ok(hex::encode(h.finalize()))
 }

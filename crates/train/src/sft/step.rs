@@ -61,7 +61,7 @@ pub struct SftExample {
 }
 
 /// A stage-1 batch: queries and the documents they are contrasted against.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct SftBatch {
     /// The queries.
     pub examples: Vec<SftExample>,
@@ -71,6 +71,11 @@ pub struct SftBatch {
     pub docs: Vec<Vec<u32>>,
     /// Padding id (never attended to, never a target).
     pub pad_id: u32,
+    /// Documents given as fixed vectors `[n, d]` instead of prompts (then `docs` must be
+    /// empty): a query tower trained against a frozen document index (`train reason`). They
+    /// are constants of the loss — no document is encoded, no gradient flows into them — and
+    /// indices in the examples refer to their rows.
+    pub frozen_docs: Option<Tensor>,
 }
 
 /// Result of [`sft_gradients`].
@@ -94,7 +99,7 @@ struct Plan {
 
 fn plan(model: &Model, batch: &SftBatch) -> Result<Plan> {
     const F: &str = "sft_gradients";
-    let (b, n) = (batch.examples.len(), batch.docs.len());
+    let (b, n) = (batch.examples.len(), doc_count(batch)?);
     if b == 0 {
         invalid!("{F}: batch has no examples");
     }
@@ -150,6 +155,17 @@ fn plan(model: &Model, batch: &SftBatch) -> Result<Plan> {
         nce_mask,
         triplets,
     })
+}
+
+/// How many documents the batch holds: its prompts, or the rows of its frozen vectors.
+fn doc_count(batch: &SftBatch) -> Result<usize> {
+    match &batch.frozen_docs {
+        None => Ok(batch.docs.len()),
+        Some(_) if !batch.docs.is_empty() => {
+            invalid!("sft_gradients: a batch has either document prompts or frozen document vectors, not both")
+        }
+        Some(t) => Ok(t.dims2()?.0),
+    }
 }
 
 /// Embeddings `[len, d]` of `seqs`, without a graph, in micro-batches; row `k` is `seqs[k]`.
@@ -209,7 +225,7 @@ pub fn sft_gradients(
         invalid!("{F}: micro_tokens must be > 0");
     }
     let plan = plan(model, batch)?;
-    let (b, n) = (batch.examples.len(), batch.docs.len());
+    let (b, n) = (batch.examples.len(), doc_count(batch)?);
     let use_nce = cfg.lambda_nce > 0.0;
     let use_tri = cfg.lambda_tri > 0.0 && !plan.triplets.is_empty();
     let contrastive = use_nce || use_tri;
@@ -226,7 +242,10 @@ pub fn sft_gradients(
     let (mut g_q, mut g_d) = (None, None);
     if contrastive {
         let q = Var::from_tensor(&embed_all(model, &queries, batch.pad_id, micro_tokens)?)?;
-        let d = Var::from_tensor(&embed_all(model, &docs, batch.pad_id, micro_tokens)?)?;
+        let d = match &batch.frozen_docs {
+            Some(t) => Var::from_tensor(&t.to_dtype(q.dtype())?)?,
+            None => Var::from_tensor(&embed_all(model, &docs, batch.pad_id, micro_tokens)?)?,
+        };
         let mut loss: Option<Tensor> = None;
         let mut add = |term: Tensor| -> Result<()> {
             loss = Some(match loss.take() {
@@ -274,7 +293,9 @@ pub fn sft_gradients(
             })
         };
         g_q = Some(grad_of(&q)?);
-        g_d = Some(grad_of(&d)?);
+        if batch.frozen_docs.is_none() {
+            g_d = Some(grad_of(&d)?);
+        }
     }
 
     // Token-level targets: position j predicts query[j+1]; mask the assistant span.

@@ -320,6 +320,7 @@ fn build_batch(
             examples,
             docs,
             pad_id: data.pad_id,
+            frozen_docs: None,
         },
         tokens,
     )

@@ -135,3 +135,12 @@ pub fn tokenizer(dir: &std::path::Path) -> TextTokenizer {
     assert_eq!(tok.add_embed_token().unwrap(), EMBED);
     tok
 }
+
+/// What closes a thought in the tiny vocabulary: "t60 t61 t62 <|embed_token|>" (the tiny
+/// `The embedding is <|embed_token|>`).
+#[allow(dead_code)]
+pub fn closer() -> search_r3_core::embedder::ThoughtCloser {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    search_r3_core::embedder::ThoughtCloser::new(&tok, "t60 t61 t62 <|embed_token|>").unwrap()
+}
