@@ -2,7 +2,7 @@
 //! base model and writes a standalone HF checkpoint, usable as `--model DIR` here and loadable
 //! by transformers.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use search_r3_core::load::{load_embedder, EmbedderOptions};
 use std::path::PathBuf;
@@ -47,9 +47,18 @@ fn merge(a: &MergeArgs) -> Result<()> {
             adapter: Some(a.adapter.clone()),
             templates: a.templates.clone(),
             max_doc_tokens: None,
+            reason_mode: None,
         },
     )
     .with_context(|| format!("loading `{}` with adapter {}", a.model, a.adapter.display()))?;
+    if embedder.query_tower.is_some() {
+        bail!(
+            "{} has a query tower ({}): queries and documents run through different weights, \
+             which one merged model cannot hold; serve the adapter directory instead",
+            a.adapter.display(),
+            search_r3_core::load::QUERY_ADAPTER
+        );
+    }
     let extra = serde_json::json!({
         "base_model": embedder.model.id,
         "base_model_sha256": identity.sha256,

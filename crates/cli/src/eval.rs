@@ -390,19 +390,30 @@ fn llm_run(
         json!(a.embed.adapter_path().map(|p| p.display().to_string())),
     );
     config.insert("adapter_sha256".into(), json!(id.adapter));
+    config.insert("query_adapter_sha256".into(), json!(id.query_adapter));
     config.insert("mode".into(), json!(mode));
     config.insert("templates_hash".into(), json!(id.template_hash));
     config.insert("max_doc_tokens".into(), json!(a.max_doc_tokens));
     config.insert("index_kind".into(), json!(searcher.meta.kind));
     if a.reason {
         let forced = results.iter().filter(|r| r.embedding.forced).count();
+        let rm = searcher.embedder.reason_mode;
         config.insert(
             "reasoning".into(),
             json!({
+                "mode": rm.name(),
+                "settings": rm,
                 "forced_embed_token": forced,
                 "forced_share": forced as f64 / n,
                 "mean_generated_tokens": mean(&|r| r.embedding.generated_tokens as f64),
-                "temperature": searcher.embedder.reason_temperature,
+                "mean_tokens_per_thought":
+                    mean(&|r| r.embedding.generated_tokens as f64) / rm.thoughts.max(1) as f64,
+                // What the model wrote for each query, to read beside the per-query scores.
+                "per_query": ds.queries.iter().zip(&results).map(|((qid, _), r)| {
+                    (qid.clone(), json!({"thoughts": r.embedding.thoughts,
+                        "generated_tokens": r.embedding.generated_tokens,
+                        "forced": r.embedding.forced}))
+                }).collect::<Map<String, Value>>(),
             }),
         );
     }

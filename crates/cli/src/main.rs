@@ -102,7 +102,7 @@ enum BenchCmd {
     Index(bench::IndexBenchArgs),
     /// Load-test the HTTP server over loopback: concurrent clients mixing embed and search,
     /// batching on vs off; p50/p99 latency, throughput, memory.
-    Serve(serve::BenchServeArgs),
+    Serve(Box<serve::BenchServeArgs>),
 }
 
 #[derive(Args, Clone)]

@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use search_r3_core::corpus::{read_corpus, CorpusFormat, Document, OnError, ReadOptions};
-use search_r3_core::embedder::QueryMode;
+use search_r3_core::embedder::{QueryMode, ReasonMode};
 use search_r3_core::encode::EncodeOptions;
 use search_r3_core::load::{load_embedder, EmbedderOptions};
 use search_r3_core::searcher::{BuildOptions, SearchResult, Searcher};
@@ -23,12 +23,22 @@ pub struct EmbedArgs {
     /// Prompt templates (TOML) instead of the built-in ones for the model family.
     #[arg(long)]
     templates: Option<PathBuf>,
+    /// How reasoning embeds a query: `greedy` (one thought), `greedy+direct`, or `mean:N` (N
+    /// sampled thoughts averaged with the direct embedding), optionally `,min=M,max=B` token
+    /// bounds per thought; default: the adapter's shipped mode (its manifest), else `greedy`.
+    #[arg(long, value_parser = ReasonMode::parse)]
+    reason_mode: Option<ReasonMode>,
 }
 
 impl EmbedArgs {
     /// The adapter file, if one was given.
     pub(crate) fn adapter_path(&self) -> Option<&Path> {
         self.adapter.as_deref()
+    }
+
+    /// Uses `adapter` (a default the command picked, e.g. the shipped one).
+    pub(crate) fn set_adapter(&mut self, adapter: Option<PathBuf>) {
+        self.adapter = adapter;
     }
 
     /// The same choices as command-line flags (for a child `search-r3` process).
@@ -43,6 +53,10 @@ impl EmbedArgs {
                 v.push(p.clone().into_os_string());
             }
         }
+        if let Some(m) = &self.reason_mode {
+            v.push("--reason-mode".into());
+            v.push(m.name().into());
+        }
         v
     }
 
@@ -51,6 +65,7 @@ impl EmbedArgs {
             adapter: self.adapter.clone(),
             templates: self.templates.clone(),
             max_doc_tokens,
+            reason_mode: self.reason_mode,
         }
     }
 }
@@ -367,7 +382,7 @@ pub(crate) fn shipped_adapter(model: &str) -> Option<PathBuf> {
 pub fn demo(a: &DemoArgs) -> Result<()> {
     let mut embed = a.embed.clone();
     if embed.adapter.is_none() && !a.no_adapter {
-        embed.adapter = shipped_adapter(&a.model);
+        embed.set_adapter(shipped_adapter(&a.model));
     }
     match &embed.adapter {
         Some(p) => eprintln!(

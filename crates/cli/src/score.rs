@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use search_r3_core::metrics::{
-    evaluate, missing_queries, unknown_queries, Evaluation, Qrels, ALL_METRICS,
+    evaluate, missing_queries, paired_bootstrap, unknown_queries, Evaluation, Qrels, ALL_METRICS,
 };
 use search_r3_core::trec::read_run;
 use std::io::Write;
@@ -30,6 +30,20 @@ pub struct ScoreArgs {
     /// Fail when the run has queries that the qrels do not judge, instead of ignoring them.
     #[arg(long)]
     strict: bool,
+    /// Compare the run against this baseline run (TREC format) on the queries both score:
+    /// per-query wins / ties / losses and a paired bootstrap 95% interval of the difference in
+    /// `--metric` (printed, and under "comparison" in --out).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// The metric compared with --baseline.
+    #[arg(long, default_value = "ndcg@10")]
+    metric: String,
+    /// Bootstrap resamples for --baseline.
+    #[arg(long, default_value_t = 1000)]
+    resamples: usize,
+    /// Seed of the bootstrap.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 fn examples(ids: &[String]) -> String {
@@ -88,9 +102,16 @@ pub fn score(a: &ScoreArgs) -> Result<()> {
     }
 
     print_metrics(&ev, a.per_query)?;
+    let comparison = match &a.baseline {
+        Some(b) => Some(compare(a, &qrels, &ev, b)?),
+        None => None,
+    };
 
     if let Some(out) = &a.out {
         let mut json = metrics_json(&ev, a.per_query)?;
+        if let Some(c) = &comparison {
+            json.insert("comparison".into(), serde_json::to_value(c)?);
+        }
         json.insert("qrels".into(), a.qrels.display().to_string().into());
         json.insert("run".into(), a.run.display().to_string().into());
         write_atomic(out, &serde_json::to_string_pretty(&json)?)
@@ -98,6 +119,53 @@ pub fn score(a: &ScoreArgs) -> Result<()> {
         eprintln!("wrote {}", out.display());
     }
     Ok(())
+}
+
+/// `--baseline`: the run's per-query `--metric` against the baseline's on the queries both
+/// score, printed and returned for the JSON.
+fn compare(
+    a: &ScoreArgs,
+    qrels: &Qrels,
+    ev: &Evaluation,
+    baseline: &Path,
+) -> Result<serde_json::Value> {
+    let metric = ALL_METRICS
+        .iter()
+        .find(|m| **m == a.metric)
+        .with_context(|| {
+            format!(
+                "--metric `{}`: expected one of {}",
+                a.metric,
+                ALL_METRICS.join(", ")
+            )
+        })?;
+    let base_run =
+        read_run(baseline).with_context(|| format!("reading run {}", baseline.display()))?;
+    let base = evaluate(qrels, &base_run);
+    let shared: Vec<&String> = ev
+        .per_query
+        .keys()
+        .filter(|q| base.per_query.contains_key(*q))
+        .collect();
+    if shared.is_empty() {
+        bail!(
+            "{} and {} score no query in common",
+            a.run.display(),
+            baseline.display()
+        );
+    }
+    let xs: Vec<f64> = shared.iter().map(|q| base.per_query[*q][metric]).collect();
+    let ys: Vec<f64> = shared.iter().map(|q| ev.per_query[*q][metric]).collect();
+    let c = paired_bootstrap(&xs, &ys, a.resamples, a.seed).expect("same non-empty queries");
+    println!(
+        "\n{metric}: run {:.4} vs baseline {:.4} over {} queries: difference {:+.4}, 95% CI [{:+.4}, {:+.4}] ({} paired bootstrap resamples, seed {}); wins / ties / losses {} / {} / {}",
+        c.mean_b, c.mean_a, c.queries, c.difference, c.ci95[0], c.ci95[1], c.resamples, c.seed,
+        c.wins, c.ties, c.losses
+    );
+    let mut v = serde_json::to_value(&c)?;
+    v["metric"] = (*metric).into();
+    v["baseline"] = baseline.display().to_string().into();
+    Ok(v)
 }
 
 /// Prints the mean metrics (and, with `per_query`, one row per query) as a table on stdout.

@@ -20,6 +20,10 @@ pub struct ServeArgs {
     model: String,
     #[command(flatten)]
     embed: EmbedArgs,
+    /// Serve the untrained base model instead of the adapter shipped in `adapters/` for it
+    /// (used by default, with its reasoning mode, when there is one).
+    #[arg(long, conflicts_with = "adapter")]
+    no_adapter: bool,
     /// Index to search and update: opened when it exists (its model must match), created
     /// empty otherwise. Without it `/search` and `/index/*` answer 404.
     #[arg(long)]
@@ -49,7 +53,17 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
         .parse()
         .with_context(|| format!("--host {} --port {}: not an address", a.host, a.port))?;
-    let backend = Backend::open(&a.model, &a.embed.options(None), a.index.as_deref())?;
+    let mut embed = a.embed.clone();
+    if embed.adapter_path().is_none() && !a.no_adapter {
+        embed.set_adapter(crate::retrieval::shipped_adapter(&a.model));
+    }
+    eprintln!(
+        "adapter: {}",
+        embed
+            .adapter_path()
+            .map_or("none (base model)".into(), |p| p.display().to_string())
+    );
+    let backend = Backend::open(&a.model, &embed.options(None), a.index.as_deref())?;
     let opts = ServeOptions {
         addr,
         api_key: a.api_key.clone(),

@@ -16,13 +16,15 @@ use rand::SeedableRng;
 use search_r3_core::corpus::ReadOptions;
 use search_r3_core::dataset::load_split;
 use search_r3_core::embedder::{embed_at_token, Embedder};
+use search_r3_core::load::QUERY_ADAPTER;
 use search_r3_core::load::{
     adapter_file, load_embedder, merge_adapter, EmbedderOptions, ModelIdentity,
 };
 use search_r3_core::metrics::evaluate_query;
 use search_r3_core::triples::{read_triples, triples_from_split, Triple};
-use search_r3_index::l2_normalize;
+use search_r3_index::{l2_normalize, VectorIndex};
 use search_r3_model::Model;
+use search_r3_train::reason::{train_reason, ReasonConfig, ReasonData, ReasonQuery};
 use search_r3_train::rl::{policy_name, train_rl, RlConfig, RlData, RlQuery};
 use search_r3_train::run::config::RunConfig;
 use search_r3_train::run::TrainOptions;
@@ -39,6 +41,33 @@ pub enum TrainCmd {
     /// Stage 2: GRPO with a retrieval reward from an environment index that is refreshed
     /// locally; writes OUT/adapter.safetensors (stacked on --adapter) and OUT/manifest.json.
     Rl(RlArgs),
+    /// The thought stage: expert iteration over thoughts selected by how much they improve
+    /// retrieval, training a query tower against the frozen document vectors of --adapter;
+    /// writes OUT/query.safetensors beside a copy of the document adapter, so OUT is an
+    /// adapter directory whose existing indexes stay valid.
+    Reason(ReasonArgs),
+}
+
+/// `search-r3 train reason`.
+#[derive(Args, Debug)]
+pub struct ReasonArgs {
+    /// The document adapter (run directory or file): folded into the weights; documents are
+    /// embedded with it and the query tower starts from it.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// BEIR dataset directory: the split's queries and judgements are the training task, its
+    /// corpus the documents.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// The split to train on (test judgements are never read unless named here).
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// An index of this dataset's corpus built with the same model and --adapter (e.g. by
+    /// `eval --index`): its vectors are the documents, none are encoded.
+    #[arg(long)]
+    index: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// `search-r3 train rl`.
@@ -191,6 +220,7 @@ pub fn run(cmd: &TrainCmd) -> Result<()> {
     match cmd {
         TrainCmd::Sft(a) => sft(a),
         TrainCmd::Rl(a) => rl(a),
+        TrainCmd::Reason(a) => reason(a),
     }
 }
 
@@ -460,7 +490,7 @@ fn rl(a: &RlArgs) -> Result<()> {
         eval,
         docs,
         pad_id: embedder.model.tokenizer.pad_id,
-        forced_suffix: embedder.forced_suffix().to_vec(),
+        closer: embedder.closer().clone(),
     };
 
     let opts = run_options(
@@ -511,6 +541,194 @@ fn rl(a: &RlArgs) -> Result<()> {
     Ok(())
 }
 
+fn reason(a: &ReasonArgs) -> Result<()> {
+    let cfg = match &a.run.config {
+        Some(p) => ReasonConfig::from_file(p)?,
+        None => ReasonConfig::default(),
+    };
+    let started = std::time::Instant::now();
+    let ds = load_split(&a.dataset, &a.split, &ReadOptions::default())
+        .with_context(|| format!("loading {} split `{}`", a.dataset.display(), a.split))?;
+    let mut triples = triples_from_split(&ds)?;
+    if triples.is_empty() {
+        bail!("the split has no queries");
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let held = shuffle_and_hold_out(
+        &mut triples,
+        &mut rng,
+        a.run.max_queries,
+        cfg.eval_queries,
+        cfg.queries_per_step,
+    );
+    let (mut embedder, identity) =
+        load_base(&a.run.model, a.run.templates.as_ref(), cfg.max_doc_tokens)?;
+    let merged = merge_adapter(
+        &mut embedder.model.model,
+        &a.adapter,
+        &a.run.model,
+        &identity.sha256,
+    )
+    .with_context(|| {
+        format!(
+            "loading the document adapter {}",
+            adapter_file(&a.adapter).display()
+        )
+    })?;
+
+    // The documents: the index's vectors of the whole corpus, or encoded here.
+    let pos_of = ds.doc_positions();
+    let (docs, doc_rows) = match &a.index {
+        Some(dir) => {
+            let opts = EmbedderOptions {
+                adapter: Some(a.adapter.clone()),
+                templates: a.run.templates.clone(),
+                max_doc_tokens: Some(cfg.max_doc_tokens),
+                reason_mode: None,
+            };
+            let s = search_r3_core::searcher::Searcher::open(dir, Some(&a.run.model), &opts)
+                .with_context(|| format!("opening the index {}", dir.display()))?;
+            let mut vecs = Vec::with_capacity(ds.corpus.len());
+            for d in &ds.corpus {
+                let v = s
+                    .key_of(&d.id)
+                    .and_then(|k| s.index.get(k))
+                    .with_context(|| {
+                        format!(
+                            "{}: document `{}` of the corpus is not in the index",
+                            dir.display(),
+                            d.id
+                        )
+                    })?;
+                vecs.push(v);
+            }
+            eprintln!("documents: {} vectors from {}", vecs.len(), dir.display());
+            (vecs, (0..ds.corpus.len()).collect::<Vec<usize>>())
+        }
+        None => {
+            let mut rows: Vec<usize> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            for t in &triples {
+                for id in &t.pos_ids {
+                    if seen.insert(pos_of[id.as_str()]) {
+                        rows.push(pos_of[id.as_str()]);
+                    }
+                }
+            }
+            let mut others: Vec<usize> =
+                (0..ds.corpus.len()).filter(|p| !seen.contains(p)).collect();
+            others.shuffle(&mut rng);
+            let want = if cfg.env_docs == 0 {
+                ds.corpus.len()
+            } else {
+                cfg.env_docs
+            };
+            rows.extend(others.into_iter().take(want.saturating_sub(rows.len())));
+            let texts: Vec<String> = rows.iter().map(|&p| ds.corpus[p].full_text()).collect();
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            eprintln!(
+                "documents: encoding {} with the document adapter",
+                refs.len()
+            );
+            let (vecs, truncated) = embedder.embed_documents(&refs)?;
+            eprintln!(
+                "encoded ({truncated} truncated to {} tokens)",
+                cfg.max_doc_tokens
+            );
+            (vecs, rows)
+        }
+    };
+    let row_of: HashMap<usize, usize> = doc_rows.iter().enumerate().map(|(r, &p)| (p, r)).collect();
+    let mut queries = Vec::new();
+    let mut eval = Vec::new();
+    for (i, t) in triples.iter().enumerate() {
+        let (prompt, _) = embedder.reason_prompt(&t.query, cfg.max_query_tokens)?;
+        let (direct, direct_start, _) =
+            embedder.query_training_prompt_limited(&t.query, cfg.max_query_tokens)?;
+        let gold = t
+            .pos_ids
+            .iter()
+            .map(|id| row_of[&pos_of[id.as_str()]])
+            .collect();
+        let q = ReasonQuery {
+            prompt,
+            direct,
+            direct_start,
+            gold,
+        };
+        if i < held {
+            eval.push(q);
+        } else {
+            queries.push(q);
+        }
+    }
+    eprintln!(
+        "{} training queries, {} held out; {} documents",
+        queries.len(),
+        eval.len(),
+        docs.len()
+    );
+    let data = ReasonData {
+        queries,
+        eval,
+        docs,
+        pad_id: embedder.model.tokenizer.pad_id,
+    };
+    let opts = run_options(
+        &a.run.out,
+        a.run.resume,
+        &a.run.model,
+        &embedder,
+        &identity,
+        [
+            (
+                "document_adapter",
+                serde_json::json!({"path": a.adapter.display().to_string(), "sha256": merged.sha256}),
+            ),
+            (
+                "source",
+                serde_json::json!({"dataset": a.dataset.display().to_string(), "split": a.split,
+                    "index": a.index.as_ref().map(|p| p.display().to_string())}),
+            ),
+        ],
+    )?;
+    let tok = embedder.model.tokenizer.clone();
+    let closer = embedder.closer().clone();
+    let summary = train_reason(
+        &mut embedder.model.model,
+        &tok,
+        &closer,
+        &data,
+        &cfg,
+        merged.lora.as_ref(),
+        &opts,
+    )?;
+    interrupted_error(summary.interrupted, summary.step, cfg.steps(), &a.run.out)?;
+    // OUT becomes an adapter directory: the document side as given, the query tower beside it.
+    let out = &a.run.out;
+    std::fs::rename(out.join("adapter.safetensors"), out.join(QUERY_ADAPTER)).with_context(
+        || {
+            format!(
+                "moving the query tower into {}",
+                out.join(QUERY_ADAPTER).display()
+            )
+        },
+    )?;
+    std::fs::copy(adapter_file(&a.adapter), out.join("adapter.safetensors"))
+        .with_context(|| format!("copying the document adapter into {}", out.display()))?;
+    eprintln!(
+        "done: {} steps in {:.0}s; best held-out {} {}; adapter directory {}",
+        summary.step,
+        started.elapsed().as_secs_f64(),
+        cfg.select_by,
+        summary
+            .best
+            .map_or("-".into(), |b| format!("{:.4} at step {}", b.score, b.step)),
+        out.display()
+    );
+    Ok(())
+}
+
 /// Shuffles the examples with the run's seed, keeps at most `max`, and says how many of the
 /// first ones are held out for evaluation (none, with a warning, when too few would be left
 /// for one training batch of `batch`).
@@ -548,6 +766,7 @@ fn load_base(
             adapter: None,
             templates: templates.cloned(),
             max_doc_tokens: Some(max_doc_tokens),
+            reason_mode: None,
         },
     )
     .with_context(|| format!("loading model `{model}`"))

@@ -161,3 +161,70 @@ fn run_sharing_no_query_with_the_qrels_is_an_error() {
     assert!(!ok);
     assert!(stderr.contains("nothing to score"), "{stderr}");
 }
+
+#[test]
+fn baseline_comparison_counts_wins_and_bounds_the_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let qrels = p(
+        "qrels.tsv",
+        "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq3\td3\t1\n",
+    );
+    // The run ranks q1's and q2's document first; the baseline ranks q1's second and q3's first.
+    let run = p(
+        "run.trec",
+        "q1 Q0 d1 1 2.0 r\nq1 Q0 dx 2 1.0 r\nq2 Q0 d2 1 1.0 r\nq3 Q0 dx 1 2.0 r\nq3 Q0 d3 2 1.0 r\n",
+    );
+    let base = p(
+        "base.trec",
+        "q1 Q0 dx 1 2.0 b\nq1 Q0 d1 2 1.0 b\nq2 Q0 d2 1 1.0 b\nq3 Q0 d3 1 2.0 b\n",
+    );
+    let out = dir.path().join("cmp.json");
+    let (ok, stdout, stderr) = score(&[
+        "--qrels",
+        qrels.to_str().unwrap(),
+        "--run",
+        run.to_str().unwrap(),
+        "--baseline",
+        base.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("wins / ties / losses 1 / 1 / 1"),
+        "{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let c = &v["comparison"];
+    assert_eq!(
+        (c["wins"].as_u64(), c["ties"].as_u64(), c["losses"].as_u64()),
+        (Some(1), Some(1), Some(1))
+    );
+    // nDCG@10 per query: run (1, 1, 1/log2 3), baseline (1/log2 3, 1, 1): difference 0.
+    assert!(c["difference"].as_f64().unwrap().abs() < 1e-12, "{c}");
+    let (lo, hi) = (
+        c["ci95"][0].as_f64().unwrap(),
+        c["ci95"][1].as_f64().unwrap(),
+    );
+    assert!(
+        lo < 0.0 && hi > 0.0 && c["resamples"] == 1000 && c["metric"] == "ndcg@10",
+        "{c}"
+    );
+    let (ok, _, stderr) = score(&[
+        "--qrels",
+        qrels.to_str().unwrap(),
+        "--run",
+        run.to_str().unwrap(),
+        "--baseline",
+        base.to_str().unwrap(),
+        "--metric",
+        "ndcg@7",
+    ]);
+    assert!(!ok && stderr.contains("--metric `ndcg@7`"), "{stderr}");
+}
