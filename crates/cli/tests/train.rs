@@ -335,3 +335,91 @@ fn tiny_rl_run_on_the_shipped_sft_adapter() {
         assert!(r["reward"]["mean"].as_f64().unwrap() >= 0.0, "{r}");
     }
 }
+
+#[test]
+fn tiny_reason_run_makes_an_adapter_directory_whose_index_stays_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let sf = scifact();
+    if !common::model_available("smollm2") {
+        return;
+    }
+    let rl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../adapters/rl-smollm2");
+    let out = dir.path().join("reason");
+    let cfg = dir.path().join("reason.toml");
+    std::fs::write(
+        &cfg,
+        "rounds = 1\nqueries_per_round = 3\nthoughts = 2\nthought_tokens = 6\n\
+         min_thought_tokens = 2\nsteps_per_round = 1\nwarmup_steps = 0\nqueries_per_step = 2\n\
+         eval_queries = 2\n\
+         env_docs = 12\nmax_doc_tokens = 16\nmax_query_tokens = 16\n[lora]\nrank = 2\n",
+    )
+    .unwrap();
+    let (ok, err) = run(&[
+        "train",
+        "reason",
+        "--dataset",
+        s(&sf),
+        "--adapter",
+        s(&rl),
+        "--out",
+        s(&out),
+        "--config",
+        s(&cfg),
+        "--max-queries",
+        "6",
+    ]);
+    assert!(ok, "{err}");
+    // An adapter directory: the document side as given, the query tower beside it.
+    assert_eq!(
+        std::fs::read(out.join("adapter.safetensors")).unwrap(),
+        std::fs::read(rl.join("adapter.safetensors")).unwrap()
+    );
+    let md = safetensors_metadata(&out.join("query.safetensors"));
+    let lora: serde_json::Value = serde_json::from_str(md["lora"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        lora["rank"], 34,
+        "stage 1 (16) + stage 2 (16) + the tower (2): {lora}"
+    );
+    assert!(out.join("thoughts-round1.jsonl").exists());
+
+    // An index built with the document adapter serves the new directory unchanged.
+    let index = dir.path().join("index");
+    let results = dir.path().join("eval.json");
+    let eval = |adapter: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--dataset",
+            s(&sf),
+            "--adapter",
+            s(adapter),
+            "--max-queries",
+            "2",
+            "--max-docs",
+            "10",
+            "--max-doc-tokens",
+            "16",
+            "--index",
+            s(&index),
+            "--out",
+            s(&results),
+        ];
+        args.extend(extra);
+        let (ok, err) = run(&args);
+        assert!(ok, "{err}");
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&results).unwrap()).unwrap();
+        (r, err)
+    };
+    eval(&rl, &[]);
+    let (r, err) = eval(&out, &["--reason", "--reason-mode", "mean:2,max=4"]);
+    assert!(err.contains("reusing the index"), "{err}");
+    let c = &r["config"];
+    assert!(c["query_adapter_sha256"].is_string(), "{c}");
+    assert_eq!(c["reasoning"]["mode"], "mean:2,max=4");
+    let per_query = c["reasoning"]["per_query"].as_object().unwrap();
+    assert_eq!(per_query.len(), 2);
+    for q in per_query.values() {
+        assert_eq!(q["thoughts"].as_array().unwrap().len(), 2, "{q}");
+        assert!(q["generated_tokens"].as_u64().unwrap() <= 8, "{q}");
+    }
+}
