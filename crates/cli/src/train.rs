@@ -390,34 +390,31 @@ fn rl(a: &RlArgs) -> Result<()> {
         None => RlConfig::default(),
     };
     let started = std::time::Instant::now();
-    let ds = load_split(&a.dataset, &a.split, &ReadOptions::default())
-        .with_context(|| format!("loading {} split `{}`", a.dataset.display(), a.split))?;
-    let mut triples = triples_from_split(&ds)?;
-    if triples.is_empty() {
-        bail!("the split has no queries");
-    }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let held = shuffle_and_hold_out(
-        &mut triples,
-        &mut rng,
-        a.run.max_queries,
-        cfg.eval_queries,
-        cfg.queries_per_step,
-    );
-
-    let (mut embedder, identity) =
-        load_base(&a.run.model, a.run.templates.as_ref(), cfg.max_doc_tokens)?;
     // The stage-1 adapter becomes part of the weights: the reference policy is then the
     // stage-1 model, and the stage-2 adapter is saved stacked onto it.
-    let (base, base_sha) = match &a.adapter {
-        Some(p) => {
-            let merged =
-                merge_adapter(&mut embedder.model.model, p, &a.run.model, &identity.sha256)
-                    .with_context(|| {
-                        format!("loading the stage-1 adapter {}", adapter_file(p).display())
-                    })?;
-            (merged.lora, Some(merged.sha256))
-        }
+    let Stacked {
+        ds,
+        triples,
+        held,
+        mut embedder,
+        identity,
+        base,
+        mut rng,
+    } = stacked_setup(
+        &a.run,
+        &a.dataset,
+        &a.split,
+        a.adapter.as_deref(),
+        "stage-1 adapter",
+        (
+            cfg.seed,
+            cfg.eval_queries,
+            cfg.queries_per_step,
+            cfg.max_doc_tokens,
+        ),
+    )?;
+    let (base, base_sha) = match base {
+        Some(m) => (m.lora, Some(m.sha256)),
         None => (None, None),
     };
 
@@ -547,34 +544,28 @@ fn reason(a: &ReasonArgs) -> Result<()> {
         None => ReasonConfig::default(),
     };
     let started = std::time::Instant::now();
-    let ds = load_split(&a.dataset, &a.split, &ReadOptions::default())
-        .with_context(|| format!("loading {} split `{}`", a.dataset.display(), a.split))?;
-    let mut triples = triples_from_split(&ds)?;
-    if triples.is_empty() {
-        bail!("the split has no queries");
-    }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let held = shuffle_and_hold_out(
-        &mut triples,
-        &mut rng,
-        a.run.max_queries,
-        cfg.eval_queries,
-        cfg.queries_per_step,
-    );
-    let (mut embedder, identity) =
-        load_base(&a.run.model, a.run.templates.as_ref(), cfg.max_doc_tokens)?;
-    let merged = merge_adapter(
-        &mut embedder.model.model,
-        &a.adapter,
-        &a.run.model,
-        &identity.sha256,
-    )
-    .with_context(|| {
-        format!(
-            "loading the document adapter {}",
-            adapter_file(&a.adapter).display()
-        )
-    })?;
+    let Stacked {
+        ds,
+        triples,
+        held,
+        mut embedder,
+        identity,
+        base,
+        mut rng,
+    } = stacked_setup(
+        &a.run,
+        &a.dataset,
+        &a.split,
+        Some(&a.adapter),
+        "document adapter",
+        (
+            cfg.seed,
+            cfg.eval_queries,
+            cfg.queries_per_step,
+            cfg.max_doc_tokens,
+        ),
+    )?;
+    let merged = base.expect("an adapter was given");
 
     // The documents: the index's vectors of the whole corpus, or encoded here.
     let pos_of = ds.doc_positions();
@@ -727,6 +718,59 @@ fn reason(a: &ReasonArgs) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// What the two stages that stack onto an adapter (`rl`, `reason`) start from.
+struct Stacked {
+    ds: search_r3_core::dataset::BeirSplit,
+    /// The split's examples, shuffled with the seed and cut to `--max-queries`.
+    triples: Vec<Triple>,
+    /// How many of the first `triples` are held out.
+    held: usize,
+    embedder: Embedder,
+    identity: ModelIdentity,
+    /// The adapter folded into the weights, if one was given.
+    base: Option<search_r3_core::load::MergedAdapter>,
+    /// The seeded generator after the shuffle: the stage's later draws continue from it.
+    rng: rand::rngs::StdRng,
+}
+
+/// Reads the split (bad data fails before the model loads), shuffles and holds out with
+/// `(seed, eval_queries, batch, max_doc_tokens)` from the stage's config, loads the base model
+/// and folds `adapter` (named `what` in errors) into its weights.
+fn stacked_setup(
+    run: &RunArgs,
+    dataset: &std::path::Path,
+    split: &str,
+    adapter: Option<&std::path::Path>,
+    what: &str,
+    (seed, eval_queries, batch, max_doc_tokens): (u64, usize, usize, usize),
+) -> Result<Stacked> {
+    let ds = load_split(dataset, split, &ReadOptions::default())
+        .with_context(|| format!("loading {} split `{split}`", dataset.display()))?;
+    let mut triples = triples_from_split(&ds)?;
+    if triples.is_empty() {
+        bail!("the split has no queries");
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let held = shuffle_and_hold_out(&mut triples, &mut rng, run.max_queries, eval_queries, batch);
+    let (mut embedder, identity) = load_base(&run.model, run.templates.as_ref(), max_doc_tokens)?;
+    let base = match adapter {
+        Some(p) => Some(
+            merge_adapter(&mut embedder.model.model, p, &run.model, &identity.sha256)
+                .with_context(|| format!("loading the {what} {}", adapter_file(p).display()))?,
+        ),
+        None => None,
+    };
+    Ok(Stacked {
+        ds,
+        triples,
+        held,
+        embedder,
+        identity,
+        base,
+        rng,
+    })
 }
 
 /// Shuffles the examples with the run's seed, keeps at most `max`, and says how many of the

@@ -148,11 +148,15 @@ pub fn l2_normalize(mut v: Vec<f32>) -> Vec<f32> {
 /// The unit-norm mean of unit vectors `parts` (all of one width), accumulated in f64: the
 /// embedding of a query reasoned about several times is the normalised mean of the direct
 /// embedding and the embeddings after each thought (HyDE's averaging). `None` for no parts or
-/// parts of different widths.
+/// parts of different widths. A single part is returned unchanged.
 pub fn mean_unit(parts: &[&[f32]]) -> Option<Vec<f32>> {
     let d = parts.first()?.len();
     if parts.iter().any(|p| p.len() != d) {
         return None;
+    }
+    if let [one] = parts {
+        // Already unit: returned as is, so a one-part mode is bit-identical to no averaging.
+        return Some(one.to_vec());
     }
     let mut sum = vec![0f64; d];
     for p in parts {

@@ -35,7 +35,7 @@ use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::run::checkpoint::{self, ADAPTER, OPTIMIZER, REASON_CHECKPOINT};
 use crate::run::config::{finite, positive, LoraSection, RunConfig};
 use crate::run::data::{Cursor, Epochs, Stream};
-use crate::run::finish::finish;
+use crate::run::finish::{finish, stage_fields};
 use crate::run::log::{MetricsLog, Pace};
 use crate::run::{self, BestEval, Stop, TrainOptions};
 use crate::sft::{sft_gradients, SftBatch, SftExample};
@@ -491,19 +491,14 @@ pub fn train_reason(
         return Ok(summary);
     }
 
-    let mut fields = serde_json::Map::new();
-    fields.insert("format".into(), "search-r3-reason-adapter".into());
-    fields.insert("stacked_on_base_adapter".into(), base.is_some().into());
-    fields.insert(
-        "config".into(),
-        serde_json::to_value(cfg).expect("config serialises"),
-    );
-    fields.insert("config_hash".into(), state.config_hash.clone().into());
-    fields.insert("data_hash".into(), state.data_hash.clone().into());
-    fields.insert(
-        "data".into(),
+    let mut fields = stage_fields(
+        "search-r3-reason-adapter",
+        cfg,
+        &state.config_hash,
+        &state.data_hash,
         json!({"queries": data.queries.len(), "held_out": data.eval.len(), "docs": data.docs.len()}),
     );
+    fields.insert("stacked_on_base_adapter".into(), base.is_some().into());
     fields.insert("start_eval".into(), json!(state.start_eval));
     fields.insert("rounds".into(), json!(state.rounds));
     let save =

@@ -34,7 +34,7 @@ use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use crate::run::checkpoint::{self, ADAPTER, OPTIMIZER, RL_CHECKPOINT};
 use crate::run::config::{finite, positive, LoraSection, RunConfig};
 use crate::run::data::{Cursor, Epochs, Stream};
-use crate::run::finish::finish;
+use crate::run::finish::{finish, stage_fields};
 use crate::run::log::{MetricsLog, Pace};
 use crate::run::{self, BestEval, Stop, TrainOptions};
 use candle_core::Var;
@@ -530,19 +530,14 @@ pub fn train_rl(
     }
 
     // Finish: final state, best adapter (stacked on the stage-1 adapter), manifest.
-    let mut fields = serde_json::Map::new();
-    fields.insert("format".into(), "search-r3-rl-adapter".into());
-    fields.insert("stacked_on_base_adapter".into(), base.is_some().into());
-    fields.insert(
-        "config".into(),
-        serde_json::to_value(cfg).expect("config serialises"),
-    );
-    fields.insert("config_hash".into(), state.config_hash.clone().into());
-    fields.insert("data_hash".into(), state.data_hash.clone().into());
-    fields.insert(
-        "data".into(),
+    let mut fields = stage_fields(
+        "search-r3-rl-adapter",
+        cfg,
+        &state.config_hash,
+        &state.data_hash,
         json!({"queries": n, "held_out": data.eval.len(), "docs": data.docs.len()}),
     );
+    fields.insert("stacked_on_base_adapter".into(), base.is_some().into());
     fields.insert("start_eval".into(), json!(state.start_eval));
     fields.insert(
         "environment".into(),

@@ -12,6 +12,27 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// The manifest fields every stage writes about itself: its adapter `format`, the `config` and
+/// its hash, the data hash and `data` sizes.
+pub(crate) fn stage_fields(
+    format: &str,
+    config: &impl serde::Serialize,
+    config_hash: &str,
+    data_hash: &str,
+    data: Value,
+) -> Map<String, Value> {
+    let mut fields = Map::new();
+    fields.insert("format".into(), format.into());
+    fields.insert(
+        "config".into(),
+        serde_json::to_value(config).expect("config serialises"),
+    );
+    fields.insert("config_hash".into(), config_hash.into());
+    fields.insert("data_hash".into(), data_hash.into());
+    fields.insert("data".into(), data);
+    fields
+}
+
 /// Saves a trainable state to a path with safetensors metadata.
 pub(crate) type SaveFn<'a> = dyn Fn(&Path, &HashMap<String, String>) -> Result<()> + 'a;
 

@@ -25,7 +25,7 @@ use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedu
 use crate::run::checkpoint::{self, ADAPTER, OPTIMIZER, SFT_CHECKPOINT};
 use crate::run::config::{finite, positive, LoraSection, RunConfig};
 use crate::run::data::{Cursor, Epochs, Stream};
-use crate::run::finish::finish;
+use crate::run::finish::{finish, stage_fields};
 use crate::run::log::{MetricsLog, Pace};
 use crate::run::{self, BestEval, Stop, TrainOptions};
 use candle_core::backprop::GradStore;
@@ -448,16 +448,11 @@ pub fn train_sft(
     }
 
     // Finish: final state, best adapter, manifest.
-    let mut fields = serde_json::Map::new();
-    fields.insert("format".into(), "search-r3-sft-adapter".into());
-    fields.insert(
-        "config".into(),
-        serde_json::to_value(cfg).expect("config serialises"),
-    );
-    fields.insert("config_hash".into(), state.config_hash.clone().into());
-    fields.insert("data_hash".into(), state.data_hash.clone().into());
-    fields.insert(
-        "data".into(),
+    let mut fields = stage_fields(
+        "search-r3-sft-adapter",
+        cfg,
+        &state.config_hash,
+        &state.data_hash,
         json!({"queries": n, "docs": data.docs.len()}),
     );
     fields.insert(
