@@ -573,7 +573,7 @@ impl Embedder {
                 parts.push(d);
             }
             let texts: Vec<String> = mine.iter().map(|t| t.text.clone()).collect();
-            let generated: usize = mine.iter().map(|t| t.generated).sum();
+            let generated: usize = mine.iter().map(|t| t.tokens.len()).sum();
             out.push(QueryEmbedding {
                 vector: mean_unit(&parts).expect("parts of one width"),
                 reasoning: texts.first().cloned(),
@@ -593,9 +593,7 @@ impl Embedder {
 pub struct Thought {
     /// The thought as text (stop token and closing sentence excluded).
     pub text: String,
-    /// Tokens the model generated (its stop token included).
-    pub generated: usize,
-    /// Those tokens.
+    /// The tokens the model generated (its stop token included).
     pub tokens: Vec<u32>,
     /// Their log-probabilities under the sampling distribution's source logits.
     pub logprobs: Vec<f32>,
@@ -651,7 +649,6 @@ pub fn think(
         };
         out.push(Thought {
             text: tok.decode(&body, true)?.trim().to_string(),
-            generated: g.tokens.len(),
             tokens: g.tokens,
             logprobs: g.logprobs,
             stop: g.stop,

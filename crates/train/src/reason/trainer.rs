@@ -628,7 +628,7 @@ impl Run<'_> {
         sel.direct_ndcg /= nq;
         sel.best_thought_ndcg /= nq;
         sel.thoughts_beating_direct = beating as f64 / nt;
-        sel.tokens = thoughts.iter().map(|t| t.generated as f64).sum::<f64>() / nt;
+        sel.tokens = thoughts.iter().map(|t| t.tokens.len() as f64).sum::<f64>() / nt;
         sel.forced = thoughts.iter().filter(|t| t.forced).count() as f64 / nt;
         // Every thought and its score, for reading what the policy writes.
         let path = self
@@ -800,13 +800,13 @@ impl Run<'_> {
         for (i, q) in qs.iter().enumerate() {
             e.direct += ndcg(&direct[i], &q.gold);
             e.greedy += ndcg(&greedy[i].vector, &q.gold);
-            e.greedy_tokens += greedy[i].generated as f64;
+            e.greedy_tokens += greedy[i].tokens.len() as f64;
             let mine = &sampled[i * k..(i + 1) * k];
             let mut parts: Vec<&[f32]> = mine.iter().map(|t| t.vector.as_slice()).collect();
             parts.push(&direct[i]);
             let avg = mean_unit(&parts).expect("parts of one width");
             e.mean += ndcg(&avg, &q.gold);
-            e.mean_tokens += mine.iter().map(|t| t.generated as f64).sum::<f64>();
+            e.mean_tokens += mine.iter().map(|t| t.tokens.len() as f64).sum::<f64>();
         }
         let n = qs.len().max(1) as f64;
         for x in [
