@@ -235,7 +235,7 @@ fn run(cli: Cli) -> Result<()> {
                 msgs.push(ChatMessage::new("user", &a.prompt));
                 m.tokenizer.apply_chat_template(&msgs, true)?
             };
-            let ids = m.tokenizer.encode(&prompt)?;
+            let ids = m.tokenizer.encode_markup(&prompt)?;
             let cfg = GenerationConfig {
                 max_new_tokens: a.max_new_tokens,
                 temperature: a.temperature,

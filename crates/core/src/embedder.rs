@@ -238,7 +238,7 @@ impl ThoughtCloser {
         tokenizer: &search_r3_model::TextTokenizer,
         suffix: &str,
     ) -> Result<Self, EmbedError> {
-        let ids = tokenizer.encode(suffix)?;
+        let ids = tokenizer.encode_markup(suffix)?;
         if ids.last().copied() != tokenizer.embed_token_id {
             return Err(TemplateError::File {
                 path: "<templates>".into(),
@@ -253,7 +253,7 @@ impl ThoughtCloser {
                 .replace(search_r3_model::EMBED_TOKEN, "")
                 .trim()
                 .to_string(),
-            tail: tokenizer.encode(&format!(" {}", search_r3_model::EMBED_TOKEN))?,
+            tail: tokenizer.encode_markup(&format!(" {}", search_r3_model::EMBED_TOKEN))?,
         })
     }
 

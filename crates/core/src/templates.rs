@@ -176,12 +176,12 @@ pub fn prompt_parts(
             path: "<chat template>".into(),
             msg: "the model's chat template dropped the user message".into(),
         })?;
-    let suffix = tok.encode(after)?;
+    let suffix = tok.encode_markup(after)?;
     let assistant_len = if assistant.is_empty() {
         0
     } else {
         let header = after.strip_suffix(assistant).unwrap_or(after);
-        let without = tok.encode(header)?;
+        let without = tok.encode_markup(header)?;
         let common = suffix
             .iter()
             .zip(&without)
@@ -190,7 +190,7 @@ pub fn prompt_parts(
         suffix.len() - common
     };
     Ok(PromptParts {
-        prefix: tok.encode(before)?,
+        prefix: tok.encode_markup(before)?,
         suffix,
         assistant_len,
     })

@@ -52,9 +52,18 @@ impl ChatMessage {
 }
 
 /// A tokenizer plus the model's special tokens and chat template.
+///
+/// Two encodings, so that text can never inject control tokens: [`TextTokenizer::encode`]
+/// reads its input as *text only* (a document containing `<|im_end|>` or `<|embed_token|>`
+/// gets the byte-level tokens of those characters), while
+/// [`TextTokenizer::encode_markup`] maps special tokens written in the input to their ids —
+/// for chat-template output and other markup the program itself writes.
 #[derive(Clone)]
 pub struct TextTokenizer {
+    /// Matches added tokens (the markup encoding; also what is saved as `tokenizer.json`).
     inner: Tokenizer,
+    /// The same tokenizer with every added token read as plain text.
+    text: Tokenizer,
     /// Beginning-of-sequence token text, as chat templates reference it.
     pub bos_token: String,
     /// End-of-sequence token text.
@@ -81,6 +90,25 @@ impl std::fmt::Debug for TextTokenizer {
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
+}
+
+/// `inner` with every added token marked special and special tokens encoded as text: user
+/// text then never yields an added token's id. (`tokenizers` only skips tokens marked special,
+/// and HF directories may carry control tokens that are not.)
+fn text_only(inner: &Tokenizer) -> Result<Tokenizer> {
+    let mut text = inner.clone();
+    let mut added: Vec<(u32, AddedToken)> = inner.get_added_tokens_decoder().into_iter().collect();
+    added.sort_by_key(|(id, _)| *id);
+    let unmarked: Vec<AddedToken> = added
+        .into_iter()
+        .filter(|(_, t)| !t.special)
+        .map(|(_, t)| t.special(true))
+        .collect();
+    if !unmarked.is_empty() {
+        text.add_special_tokens(unmarked).map_err(tok_err)?;
+    }
+    text.set_encode_special_tokens(true);
+    Ok(text)
 }
 
 /// Pre-tokenizer matching llama.cpp's `tokenizer.ggml.pre` names with the HF `tokenizer.json`
@@ -140,14 +168,14 @@ impl TextTokenizer {
             .or(eos_id)
             .unwrap_or(0);
         let chat_template = md_str("tokenizer.chat_template");
-        Ok(Self::finish(
+        Self::finish(
             inner,
             bos_token,
             eos_token,
             eos_id,
             pad_id,
             chat_template,
-        ))
+        )
     }
 
     /// Loads `tokenizer.json` and the special tokens / chat template of an HF directory.
@@ -200,7 +228,7 @@ impl TextTokenizer {
                 _ => None,
             }
         };
-        let mut t = Self::finish(inner, bos_token, eos_token, eos_id, pad_id, chat_template);
+        let mut t = Self::finish(inner, bos_token, eos_token, eos_id, pad_id, chat_template)?;
         if let Some(gc) = read_json("generation_config.json")? {
             let ids: Vec<u32> = match gc.get("eos_token_id") {
                 Some(serde_json::Value::Number(n)) => {
@@ -229,7 +257,7 @@ impl TextTokenizer {
         eos_id: Option<u32>,
         pad_id: u32,
         chat_template: Option<String>,
-    ) -> Self {
+    ) -> Result<Self> {
         let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
         for t in END_TOKENS {
             if let Some(id) = inner.token_to_id(t) {
@@ -239,7 +267,8 @@ impl TextTokenizer {
             }
         }
         let embed_token_id = inner.token_to_id(EMBED_TOKEN);
-        TextTokenizer {
+        Ok(TextTokenizer {
+            text: text_only(&inner)?,
             inner,
             bos_token,
             eos_token,
@@ -247,7 +276,7 @@ impl TextTokenizer {
             pad_id,
             chat_template,
             embed_token_id,
-        }
+        })
     }
 
     /// Adds `<|embed_token|>` as a special token (idempotent) and returns its id.
@@ -263,6 +292,7 @@ impl TextTokenizer {
             .inner
             .token_to_id(EMBED_TOKEN)
             .ok_or_else(|| Error::Tokenizer(format!("{EMBED_TOKEN} was not added")))?;
+        self.text = text_only(&self.inner)?;
         self.embed_token_id = Some(id);
         Ok(id)
     }
@@ -272,11 +302,25 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// Encodes text without adding BOS/EOS (chat templates write their own special tokens).
-    /// Special tokens written in the text (e.g. `<|im_start|>`) map to their ids.
+    /// Encodes text as text only, without adding BOS/EOS: a special token written in it
+    /// (`<|im_end|>`, `<|embed_token|>`) becomes the tokens of its characters, never its id.
+    /// Every document, query, thought or training text goes through here.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        let enc = self.text.encode(text, false).map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes markup the program wrote (a rendered chat template, a prompt suffix): special
+    /// tokens written in it (e.g. `<|im_start|>`) map to their ids. Never pass user text here.
+    pub fn encode_markup(&self, markup: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(markup, false).map_err(tok_err)?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text-only `tokenizers` object behind [`TextTokenizer::encode`] (for offsets and
+    /// token strings of user text, as `/tokenize` reports them).
+    pub fn text_tokenizer(&self) -> &Tokenizer {
+        &self.text
     }
 
     /// Decodes ids to text; `skip_special` drops special tokens such as `<|im_end|>`.

@@ -129,7 +129,7 @@ fn generation_returns_the_hidden_state_at_the_stop_token() {
         .iter()
         .map(|q| {
             let msgs = [search_r3_model::ChatMessage::new("user", q)];
-            tok.encode(&tok.apply_chat_template(&msgs, true).unwrap())
+            tok.encode_markup(&tok.apply_chat_template(&msgs, true).unwrap())
                 .unwrap()
         })
         .collect();

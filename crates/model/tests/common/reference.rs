@@ -30,7 +30,7 @@ pub fn check_chat_template_renders_like_transformers(MODEL: &str, FIX: &str) {
         let rendered = m.tokenizer.apply_chat_template(&msgs, true).unwrap();
         assert_eq!(rendered, prompt);
         assert_eq!(
-            m.tokenizer.encode(&rendered).unwrap(),
+            m.tokenizer.encode_markup(&rendered).unwrap(),
             u32s(&case["prompt_ids"])
         );
     }
