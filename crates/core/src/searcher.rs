@@ -14,8 +14,8 @@ use crate::encode::{encode_documents, EncodeError, EncodeOptions};
 use crate::load::{load_embedder, EmbedderOptions, ModelIdentity};
 use crate::templates::TemplateError;
 use search_r3_index::{
-    check_compatible, load_index_with_files, save_index_with_files, AnyIndex, DocKey, HnswParams,
-    IndexKind, IndexMeta, VectorIndex,
+    check_compatible, load_index_with_files, recover_index, save_index_with_files, AnyIndex,
+    DocKey, HnswParams, IndexKind, IndexMeta, VectorIndex,
 };
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -156,7 +156,8 @@ fn index_meta(embedder: &Embedder, identity: &ModelIdentity) -> IndexMeta {
 
 impl Searcher {
     /// Writes a new, empty index to `dir` for documents to be added later (`upsert`), e.g. by
-    /// the server. Refuses a directory that already holds an index.
+    /// the server. Refuses a directory that already holds an index, including one an
+    /// interrupted save left only in `.NAME.old-*` (recovered first, see [`recover_index`]).
     pub fn create_empty(
         embedder: Embedder,
         identity: ModelIdentity,
@@ -165,7 +166,7 @@ impl Searcher {
         hnsw: HnswParams,
     ) -> Result<Searcher, SearchError> {
         // Any manifest, readable or not: a damaged index must be repaired, not replaced.
-        if dir.join("index.json").exists() {
+        if recover_index(dir)? {
             return Err(SearchError::Other(format!(
                 "{}: already holds an index; open it instead",
                 dir.display()
@@ -184,6 +185,26 @@ impl Searcher {
         };
         s.save()?;
         Ok(s)
+    }
+
+    /// Opens the index in `dir` or, when the directory holds none, creates an empty one of
+    /// `kind` there to fill through [`Searcher::upsert`]: what `serve --index` does. An
+    /// interrupted save is recovered before deciding ([`recover_index`]), so an index that
+    /// survives only in `.NAME.old-*` is opened, never replaced by an empty one.
+    pub fn open_or_create(
+        dir: &Path,
+        model: &str,
+        opts: &EmbedderOptions,
+        kind: IndexKind,
+        hnsw: HnswParams,
+    ) -> Result<Searcher, SearchError> {
+        // Whatever state the index is in, it is opened (errors name it); only a missing or
+        // empty directory gets a new index.
+        if recover_index(dir)? {
+            return Searcher::open(dir, Some(model), opts);
+        }
+        let (embedder, identity) = load_embedder(model, opts)?;
+        Searcher::create_empty(embedder, identity, dir, kind, hnsw)
     }
 
     /// Encodes `docs` and writes a new index to `out` (atomically replacing an index there).
@@ -241,8 +262,9 @@ impl Searcher {
         Ok((s, report))
     }
 
-    /// Opens an index. The model is the one recorded in the index unless `model` overrides it;
-    /// either way its identity (model sha256, adapter, templates) must match the index.
+    /// Opens an index (recovering an interrupted save first, see [`recover_index`]). The model
+    /// is the one recorded in the index unless `model` overrides it; either way its identity
+    /// (model sha256, adapter, templates) must match the index.
     pub fn open(
         dir: &Path,
         model: Option<&str>,

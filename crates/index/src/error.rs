@@ -101,11 +101,22 @@ pub enum IndexError {
         /// What is wrong.
         problem: String,
     },
-    /// Saving would replace a directory that is not an index.
-    #[error("refusing to replace {path}: it is not an index directory (a file, a symlink, or a non-empty directory without index.json)")]
+    /// Saving would replace something that is not an index directory.
+    #[error("refusing to replace {path}: it is {found}, not an index directory (expected a new path, an empty directory, or a directory holding index.json)")]
     NotAnIndexDir {
         /// The target directory.
         path: PathBuf,
+        /// What is there instead ("a file", "a symlink", ...).
+        found: &'static str,
+    },
+    /// An index directory cannot be created because a file stands where one of its parent
+    /// directories should be.
+    #[error("cannot create the index directory {path}: {blocker} is a file, not a directory")]
+    ParentNotADirectory {
+        /// The index directory.
+        path: PathBuf,
+        /// The file in the way.
+        blocker: PathBuf,
     },
     /// The index was built with a different model, template or adapter than the caller's.
     #[error("index is incompatible with the current configuration: {}", KeyDifference::list(.differences))]

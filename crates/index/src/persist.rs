@@ -24,7 +24,14 @@
 //! Saving writes a fresh sibling directory, fsyncs it, and then swaps it with the target
 //! (`renameat2(RENAME_EXCHANGE)` on Linux, two renames elsewhere), so at every instant the
 //! target is either the complete old index or the complete new one. Leftovers of an
-//! interrupted save are cleaned up by the next save. One writer per directory at a time.
+//! interrupted save are cleaned up by the next save, once its new index is in place. One writer
+//! per directory at a time.
+//!
+//! A crash between the two renames leaves the index only in `.NAME.old-*`. [`recover_index`]
+//! renames it back, and it is the one place that happens: loading, reading the metadata and
+//! saving all call it first, so every command (`search`, `serve --index`, `eval --index`,
+//! `index add`, ...) sees the same directory, and a save never mistakes that only copy for
+//! debris.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
@@ -173,7 +180,9 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Index
 /// Returns the metadata as written: the structural fields (`format_version`, `kind`, `dim`,
 /// `count`, `hnsw`) come from the index, whatever `meta` says. Refuses to replace a directory
 /// that exists, is not empty, and has no `index.json`, so a wrong `--out` cannot delete a
-/// user's files.
+/// user's files ([`check_save_target`] runs the same check up front). An index an interrupted
+/// save left only in `.NAME.old-*` is put back first ([`recover_index`]) and replaced like any
+/// other.
 pub fn save_index<I: Persistable + ?Sized>(
     dir: impl AsRef<Path>,
     index: &I,
@@ -241,10 +250,12 @@ impl Names {
         Ok(Names { parent, name })
     }
 
+    /// Prefix of the temporary directory a save writes before swapping it in.
     fn tmp_prefix(&self) -> String {
         format!(".{}.tmp-", self.name)
     }
 
+    /// Prefix under which the two-rename swap keeps the previous index.
     fn old_prefix(&self) -> String {
         format!(".{}.old-", self.name)
     }
@@ -260,6 +271,9 @@ impl Names {
     }
 
     /// Sibling directories left by interrupted saves with the given prefix, oldest first.
+    /// Only names exactly as [`Names::unique`] makes them count, so the copies of an index
+    /// whose own name starts like this one's (`idx.old-x` beside `idx`) are never taken for
+    /// this index's.
     fn leftovers(&self, prefix: &str) -> Vec<PathBuf> {
         let mut found: Vec<PathBuf> = match fs::read_dir(&self.parent) {
             Ok(entries) => entries
@@ -267,7 +281,8 @@ impl Names {
                 .filter(|e| {
                     e.file_name()
                         .to_str()
-                        .is_some_and(|n| n.starts_with(prefix))
+                        .and_then(|n| n.strip_prefix(prefix))
+                        .is_some_and(is_unique_suffix)
                 })
                 .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
                 .map(|e| e.path())
@@ -276,6 +291,132 @@ impl Names {
         };
         found.sort();
         found
+    }
+}
+
+/// Whether `s` is `<24 digits>-<digits>`, the tail [`Names::unique`] appends.
+fn is_unique_suffix(s: &str) -> bool {
+    let Some((nanos, pid)) = s.split_once('-') else {
+        return false;
+    };
+    nanos.len() == 24
+        && nanos.bytes().all(|b| b.is_ascii_digit())
+        && !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Puts back an index that an interrupted save left only in `.NAME.old-*`, then says whether
+/// `dir` holds an index (an `index.json`, readable or not: a damaged index is to be repaired,
+/// never replaced by a new one).
+///
+/// Every opener runs this before deciding anything about `dir` ([`load_index`], [`read_meta`]
+/// and the saves call it themselves), so that no command creates a fresh index over one that
+/// is recoverable. Recovery applies when `dir` is missing or an empty directory (which holds
+/// nothing to lose) and a `.NAME.old-*` sibling holds an `index.json`: the newest such copy is
+/// renamed to `dir`, undoing the interrupted save (which was never acknowledged). Copies left
+/// beside an index that is in place are stale and stay until the next save removes them.
+///
+/// Recovery renames, so it counts as a write: it needs write access to the parent directory,
+/// and it must not race a save of the same directory (one writer at a time, as for saving).
+pub fn recover_index(dir: impl AsRef<Path>) -> Result<bool> {
+    let dir = dir.as_ref();
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => {
+            if fs::symlink_metadata(dir.join(MANIFEST)).is_ok() {
+                return Ok(true);
+            }
+            let empty = fs::read_dir(dir)
+                .map_err(io_err("read", dir))?
+                .next()
+                .is_none();
+            if !empty {
+                return Ok(false);
+            }
+        }
+        // A file or a symlink is not an index, and recovery must not replace it.
+        Ok(_) => return Ok(false),
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {}
+        Err(e) => return Err(io_err("inspect", dir)(e)),
+    }
+    let Ok(names) = Names::of(dir) else {
+        return Ok(false);
+    };
+    let olds = names.leftovers(&names.old_prefix());
+    let Some(old) = olds.into_iter().rev().find(|o| o.join(MANIFEST).is_file()) else {
+        return Ok(false);
+    };
+    tracing::warn!(
+        "{} holds no index; a save was interrupted, restoring the previous index from {}",
+        dir.display(),
+        old.display()
+    );
+    // rename(2) replaces an empty directory atomically, and fails if `dir` gained files since.
+    fs::rename(&old, dir).map_err(io_err(
+        "move back into place the index an interrupted save left in",
+        &old,
+    ))?;
+    sync_dir(&names.parent)?;
+    Ok(true)
+}
+
+/// Checks, without writing anything, that [`save_index`] could write to `dir`: that `dir` is
+/// missing, an empty directory or an index directory, and that a missing `dir` could be
+/// created (no file stands where one of its parents should be). Commands call it before
+/// minutes of encoding whose result the save would otherwise refuse at the end.
+pub fn check_save_target(dir: impl AsRef<Path>) -> Result<()> {
+    let dir = dir.as_ref();
+    if target_exists(dir)? {
+        return Ok(());
+    }
+    for parent in dir.ancestors().skip(1) {
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        match fs::metadata(parent) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(_) => {
+                return Err(IndexError::ParentNotADirectory {
+                    path: dir.to_path_buf(),
+                    blocker: parent.to_path_buf(),
+                })
+            }
+            // Keep walking up to the file that is in the way, and name it.
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {}
+            Err(e) => return Err(io_err("inspect", parent)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Whether a save to `dir` replaces something (`true`) or creates it (`false`); an error when
+/// `dir` is something a save must not replace.
+fn target_exists(dir: &Path) -> Result<bool> {
+    let refuse = |found: &'static str| {
+        Err(IndexError::NotAnIndexDir {
+            path: dir.to_path_buf(),
+            found,
+        })
+    };
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => {
+            let has_manifest = dir.join(MANIFEST).is_file();
+            let empty = fs::read_dir(dir)
+                .map_err(io_err("read", dir))?
+                .next()
+                .is_none();
+            if !has_manifest && !empty {
+                return refuse("a non-empty directory without index.json");
+            }
+            Ok(true)
+        }
+        Ok(m) if m.file_type().is_symlink() => refuse("a symlink"),
+        Ok(m) if m.is_file() => refuse("a file"),
+        Ok(_) => refuse("neither a file nor a directory"),
+        // A file where a parent should be: reported by the caller, which names that file.
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => Ok(false),
+        Err(e) => Err(io_err("inspect", dir)(e)),
     }
 }
 
@@ -322,28 +463,11 @@ fn save_impl(
         }
     }
     let names = Names::of(dir)?;
-    let existing = match fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() => {
-            let has_manifest = dir.join(MANIFEST).is_file();
-            let empty = fs::read_dir(dir)
-                .map_err(io_err("read", dir))?
-                .next()
-                .is_none();
-            if !has_manifest && !empty {
-                return Err(IndexError::NotAnIndexDir {
-                    path: dir.to_path_buf(),
-                });
-            }
-            true
-        }
-        Ok(_) => {
-            return Err(IndexError::NotAnIndexDir {
-                path: dir.to_path_buf(),
-            })
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound => false,
-        Err(e) => return Err(io_err("inspect", dir)(e)),
-    };
+    // An index left only in `.NAME.old-*` is the current content of `dir`, not debris: put it
+    // back first, so that this save replaces it like any other index (deleting it only once
+    // the new one is in place) and a save that stops early leaves it where readers look.
+    recover_index(dir)?;
+    let existing = target_exists(dir)?;
     fs::create_dir_all(&names.parent).map_err(io_err("create", &names.parent))?;
     // Temporary directories of crashed saves are never an index anyone reads.
     for stale in names.leftovers(&names.tmp_prefix()) {
@@ -573,30 +697,21 @@ fn manifest_digest(value: &Value) -> String {
     ))
 }
 
-/// Where an index actually is: `dir`, or, if a save was interrupted at the one moment `dir`
-/// does not exist, the previous index that save had renamed away.
+/// `dir`, once [`recover_index`] has put back an index an interrupted save left elsewhere; an
+/// error naming `index.json` when there is no index to read.
 fn resolve(dir: &Path) -> Result<PathBuf> {
-    if dir.exists() {
-        return Ok(dir.to_path_buf());
+    if recover_index(dir)? {
+        Ok(dir.to_path_buf())
+    } else {
+        Err(IndexError::MissingFile {
+            file: dir.join(MANIFEST),
+        })
     }
-    if let Ok(names) = Names::of(dir) {
-        let olds = names.leftovers(&names.old_prefix());
-        if let Some(old) = olds.into_iter().rev().find(|o| o.join(MANIFEST).is_file()) {
-            tracing::warn!(
-                "{} is missing; a save was interrupted, loading the previous index from {}",
-                dir.display(),
-                old.display()
-            );
-            return Ok(old);
-        }
-    }
-    Err(IndexError::MissingFile {
-        file: dir.join(MANIFEST),
-    })
 }
 
 /// Reads and verifies `index.json` only: format, version and its own checksum. Cheap, so a
 /// caller can refuse an incompatible index ([`check_compatible`]) before loading gigabytes.
+/// Recovers an interrupted save first ([`recover_index`]).
 pub fn read_meta(dir: impl AsRef<Path>) -> Result<IndexMeta> {
     let dir = resolve(dir.as_ref())?;
     Ok(read_manifest(&dir)?.meta)
@@ -736,7 +851,7 @@ fn read_verified(
 
 /// Loads an index saved by [`save_index`], verifying the format version and the size and
 /// sha256 of every file first. Damage is reported as an error naming the file; it never
-/// panics.
+/// panics. Recovers an interrupted save first ([`recover_index`]).
 pub fn load_index(dir: impl AsRef<Path>) -> Result<(AnyIndex, IndexMeta)> {
     let (index, meta, _) = load_index_with_files(dir)?;
     Ok((index, meta))

@@ -4,9 +4,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use search_r3_index::{
-    check_compatible, load_index, load_index_with_files, random_unit_vectors, read_meta,
-    save_index, save_index_failing_at, save_index_with_files, AnyIndex, ExactIndex, FailPoint,
-    HnswIndex, HnswParams, IndexError, IndexKind, IndexMeta, VectorIndex, FORMAT_VERSION,
+    check_compatible, check_save_target, load_index, load_index_with_files, random_unit_vectors,
+    read_meta, recover_index, save_index, save_index_failing_at, save_index_with_files, AnyIndex,
+    ExactIndex, FailPoint, HnswIndex, HnswParams, IndexError, IndexKind, IndexMeta, VectorIndex,
+    FORMAT_VERSION,
 };
 use serde_json::{json, Map, Value};
 
@@ -387,4 +388,157 @@ fn caller_files_travel_with_the_index() {
     }
     let twice = [("a.txt", b"1".to_vec()), ("a.txt", b"2".to_vec())];
     assert!(save_index_with_files(&dir, &h, &meta, &twice).is_err());
+}
+
+/// What a crash between the two renames of the non-`renameat2` swap leaves: the index renamed
+/// away to `.NAME.old-<24-digit nanoseconds>-<pid>` (persist.rs's `Names::unique`) and nothing
+/// at `dir`. Made by hand so the state is the same on every platform.
+fn crash_between_renames(dir: &Path) -> PathBuf {
+    let name = dir.file_name().unwrap().to_str().unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let old = dir
+        .parent()
+        .unwrap()
+        .join(format!(".{name}.old-{nanos:024}-{}", std::process::id()));
+    fs::rename(dir, &old).unwrap();
+    old
+}
+
+fn debris(tmp: &Path, name: &str) -> Vec<String> {
+    fs::read_dir(tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!(".{name}.")))
+        .collect()
+}
+
+/// After a crash between the two renames, `.NAME.old-*` is the only copy of the index. A save
+/// started from that state puts it back at `dir` first: a save that stops anywhere before its
+/// own swap leaves the index at `dir` (where every reader, `serve` included, looks), and only a
+/// save that completes replaces it.
+#[test]
+fn a_save_never_deletes_the_only_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let old = exact(120, 1);
+    let new = exact(90, 2);
+    let meta = IndexMeta::with_extra(extra());
+    for (i, fail) in [
+        FailPoint::AfterDataFiles,
+        FailPoint::BeforeSwap,
+        FailPoint::BetweenRenames,
+        FailPoint::AfterSwap,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("only{i}");
+        let dir = tmp.path().join(&name);
+        save_index(&dir, &old, &meta).unwrap();
+        crash_between_renames(&dir);
+        let err = save_index_failing_at(&dir, &new, &meta, fail).unwrap_err();
+        assert!(matches!(err, IndexError::Injected(_)), "{fail:?}: {err}");
+        match fail {
+            FailPoint::AfterDataFiles | FailPoint::BeforeSwap => {
+                // Back in place before the new index was even complete.
+                assert!(dir.join("index.json").is_file(), "{fail:?}");
+                let (loaded, _) = load_index(&dir).unwrap();
+                same_results(&old, &loaded);
+            }
+            FailPoint::BetweenRenames => {
+                // Crashed in the same spot again: still recoverable.
+                let (loaded, _) = load_index(&dir).unwrap();
+                same_results(&old, &loaded);
+            }
+            FailPoint::AfterSwap => {
+                let (loaded, _) = load_index(&dir).unwrap();
+                same_results(&new, &loaded);
+            }
+        }
+        save_index(&dir, &new, &meta).unwrap();
+        let (loaded, _) = load_index(&dir).unwrap();
+        same_results(&new, &loaded);
+        assert!(debris(tmp.path(), &name).is_empty(), "{fail:?}");
+    }
+}
+
+#[test]
+fn recovery_puts_back_only_the_copy_of_this_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = exact(50, 3);
+    let meta = IndexMeta::with_extra(extra());
+
+    // Nothing anywhere: no index, nothing created.
+    let dir = tmp.path().join("idx");
+    assert!(!recover_index(&dir).unwrap());
+    assert!(!dir.exists());
+
+    // The crash state: the copy is renamed back and is the index again.
+    save_index(&dir, &a, &meta).unwrap();
+    crash_between_renames(&dir);
+    assert!(recover_index(&dir).unwrap());
+    assert!(dir.join("index.json").is_file());
+    assert!(debris(tmp.path(), "idx").is_empty());
+    assert!(
+        recover_index(&dir).unwrap(),
+        "an index in place is left as it is"
+    );
+
+    // An empty directory holds nothing to lose, so the copy replaces it too.
+    crash_between_renames(&dir);
+    fs::create_dir(&dir).unwrap();
+    assert!(recover_index(&dir).unwrap());
+    same_results(&a, &load_index(&dir).unwrap().0);
+
+    // A directory with someone's files, or a file, is never replaced by recovery.
+    let old = crash_between_renames(&dir);
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("notes.txt"), "mine").unwrap();
+    assert!(!recover_index(&dir).unwrap());
+    assert!(old.join("index.json").is_file());
+    fs::remove_dir_all(&dir).unwrap();
+    fs::write(&dir, "a file").unwrap();
+    assert!(!recover_index(&dir).unwrap());
+    assert_eq!(fs::read_to_string(&dir).unwrap(), "a file");
+    fs::remove_file(&dir).unwrap();
+    assert!(recover_index(&dir).unwrap());
+
+    // The copy of an index whose name merely starts like this one's is not this index's.
+    let other = tmp.path().join("idx.old-x");
+    save_index(&other, &a, &meta).unwrap();
+    crash_between_renames(&other);
+    let lone = tmp.path().join("idx");
+    fs::remove_dir_all(&lone).unwrap();
+    assert!(!recover_index(&lone).unwrap());
+    assert!(recover_index(&other).unwrap());
+}
+
+#[test]
+fn save_targets_are_checked_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    check_save_target(tmp.path().join("new/deeper")).unwrap();
+    let dir = tmp.path().join("idx");
+    save_index(&dir, &exact(10, 1), &IndexMeta::with_extra(extra())).unwrap();
+    check_save_target(&dir).unwrap();
+    check_save_target(tmp.path()).unwrap_err();
+
+    let file = tmp.path().join("f");
+    fs::write(&file, "x").unwrap();
+    let err = check_save_target(&file).unwrap_err();
+    assert!(matches!(err, IndexError::NotAnIndexDir { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(file.to_str().unwrap()) && msg.contains("it is a file"),
+        "{msg}"
+    );
+    let err = check_save_target(file.join("sub/idx"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(file.join("sub/idx").to_str().unwrap())
+            && err.contains(&format!("{} is a file, not a directory", file.display())),
+        "{err}"
+    );
 }

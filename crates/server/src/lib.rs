@@ -91,30 +91,21 @@ impl Backend {
         index: Option<&Path>,
     ) -> anyhow::Result<Backend> {
         match index {
-            // An index directory is opened, whatever state it is in (errors name it); only a
-            // missing or empty directory gets a new index.
-            Some(dir) if dir.join("index.json").exists() => {
-                let s = Searcher::open(dir, Some(model), opts)
-                    .with_context(|| format!("opening the index in {}", dir.display()))?;
-                Ok(Backend {
-                    embedder: None,
-                    identity: s.identity().clone(),
-                    index: Some(s),
-                })
-            }
+            // The path every command opens an index by: an interrupted save is recovered
+            // first, so an index that survives only in its `.NAME.old-*` copy is opened, not
+            // replaced by an empty one.
             Some(dir) => {
-                let (e, identity) = load_embedder(model, opts)?;
-                let s = Searcher::create_empty(
-                    e,
-                    identity.clone(),
+                let s = Searcher::open_or_create(
                     dir,
+                    model,
+                    opts,
                     IndexKind::Hnsw,
                     HnswParams::default(),
                 )
-                .with_context(|| format!("creating an index in {}", dir.display()))?;
+                .with_context(|| format!("opening or creating the index in {}", dir.display()))?;
                 Ok(Backend {
                     embedder: None,
-                    identity,
+                    identity: s.identity().clone(),
                     index: Some(s),
                 })
             }
