@@ -184,6 +184,24 @@ fn dataset_errors_name_the_file_and_line() {
     assert!(data.join("corpus.jsonl").is_file());
 }
 
+/// A `--dataset` that is not a BEIR directory says what is missing and what a BEIR directory
+/// holds, instead of "no split `test`".
+#[test]
+fn a_dataset_that_is_not_beir_says_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("corpus.jsonl"), "").unwrap();
+    let d = tmp.path().to_str().unwrap();
+    let (ok, _, stderr) = run(&["eval", "--dataset", d, "--model", "bm25"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!(
+            "{d}: not a BEIR dataset directory: missing queries.jsonl, qrels/"
+        )) && stderr.contains("corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
+            && !stderr.contains("no split"),
+        "{stderr}"
+    );
+}
+
 /// BRIEF §4: bm25s (Lucene scoring, stemming, English stop words) gets nDCG@10 0.686 on the
 /// SciFact test split. tantivy fixes k1 = 1.2 (bm25s uses 1.5) and quantises document lengths;
 /// see crates/baselines/src/bm25.rs for the measured effect of each (0.6766 here).

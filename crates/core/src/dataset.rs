@@ -18,6 +18,19 @@ pub enum DatasetError {
     /// A file could not be read or holds a bad record.
     #[error(transparent)]
     Corpus(#[from] CorpusError),
+    /// `dir` is not a BEIR dataset directory at all (missing, a file, or without the files a
+    /// BEIR directory has), so no split of it can exist.
+    #[error(
+        "{}: not a BEIR dataset directory: {problem} (a BEIR directory holds corpus.jsonl, \
+         queries.jsonl and qrels/<split>.tsv)",
+        dir.display()
+    )]
+    NotBeir {
+        /// The path given as the dataset.
+        dir: PathBuf,
+        /// What is wrong with it ("it does not exist", "missing queries.jsonl, qrels/", ...).
+        problem: String,
+    },
     /// `qrels/<split>.tsv` does not exist.
     #[error(
         "{}: no split `{split}` (expected qrels/{split}.tsv); available: {}",
@@ -86,10 +99,40 @@ pub fn available_splits(dir: &Path) -> Vec<String> {
     out
 }
 
+/// Refuses a path that is not a BEIR directory, naming what is missing, so that a wrong
+/// `--dataset` is not reported as a missing split.
+fn check_beir_dir(dir: &Path) -> Result<(), DatasetError> {
+    let not_beir = |problem: String| DatasetError::NotBeir {
+        dir: dir.to_path_buf(),
+        problem,
+    };
+    if !dir.exists() {
+        return Err(not_beir("it does not exist".into()));
+    }
+    if !dir.is_dir() {
+        return Err(not_beir("it is a file, not a directory".into()));
+    }
+    let missing: Vec<&str> = [
+        ("corpus.jsonl", dir.join("corpus.jsonl").is_file()),
+        ("queries.jsonl", dir.join("queries.jsonl").is_file()),
+        ("qrels/", dir.join("qrels").is_dir()),
+    ]
+    .into_iter()
+    .filter(|(_, present)| !present)
+    .map(|(name, _)| name)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(not_beir(format!("missing {}", missing.join(", "))))
+    }
+}
+
 /// Loads corpus, queries and `qrels/<split>.tsv` from a BEIR directory. A judgement naming an
 /// unknown query is an error (with its line); one naming an unknown document is recorded in
 /// [`BeirSplit::unknown_docs`].
 pub fn load_split(dir: &Path, split: &str, read: &ReadOptions) -> Result<BeirSplit, DatasetError> {
+    check_beir_dir(dir)?;
     let qrels_path = dir.join("qrels").join(format!("{split}.tsv"));
     if !qrels_path.is_file() {
         return Err(DatasetError::MissingSplit {
@@ -244,6 +287,39 @@ mod tests {
             err.contains("no split `train`") && err.contains("available: test"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_directory_that_is_not_beir_says_what_is_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = |dir: &Path| {
+            load_split(dir, "test", &ReadOptions::default())
+                .unwrap_err()
+                .to_string()
+        };
+        // Some other directory: what is missing, and what a BEIR directory holds.
+        fs::write(tmp.path().join("notes.txt"), "x").unwrap();
+        let e = err(tmp.path());
+        assert!(
+            e.contains(tmp.path().to_str().unwrap())
+                && e.contains("not a BEIR dataset directory")
+                && e.contains("missing corpus.jsonl, queries.jsonl, qrels/")
+                && e.contains("qrels/<split>.tsv")
+                && !e.contains("no split"),
+            "{e}"
+        );
+        // Only the missing parts are named.
+        write_dataset(tmp.path(), "q1\td3\t1\n");
+        fs::remove_file(tmp.path().join("queries.jsonl")).unwrap();
+        let e = err(tmp.path());
+        assert!(e.contains("missing queries.jsonl (a BEIR"), "{e}");
+        let e = err(&tmp.path().join("nowhere"));
+        assert!(
+            e.contains("nowhere: not a BEIR dataset directory: it does not exist"),
+            "{e}"
+        );
+        let e = err(&tmp.path().join("notes.txt"));
+        assert!(e.contains("it is a file, not a directory"), "{e}");
     }
 
     #[test]
