@@ -20,8 +20,8 @@ use search_r3_core::metrics::evaluate;
 use search_r3_core::searcher::{BuildOptions, Searcher};
 use search_r3_core::trec::{cmp_trec, fuse_rrf, read_run, write_run, Run, RRF_K};
 use search_r3_index::{
-    check_compatible, load_index_with_files, read_meta, save_index_with_files, AnyIndex, DocKey,
-    HnswParams, IndexKind, IndexMeta, VectorIndex,
+    check_compatible, check_save_target, load_index_with_files, read_meta, save_index_with_files,
+    AnyIndex, DocKey, HnswParams, IndexKind, IndexMeta, VectorIndex,
 };
 use search_r3_model::fetch::{self, FetchOptions};
 use serde_json::{json, Map, Value};
@@ -121,17 +121,23 @@ fn progress(len: usize, what: &str) -> ProgressBar {
     pb
 }
 
-/// Fails before any encoding when `dir` exists, is not empty and is not an index: the save at
-/// the end would refuse it anyway, after minutes of work.
+/// Fails before any encoding when `dir` holds something other than a readable index (a file,
+/// or a directory with other content): the save at the end would refuse it anyway, after
+/// minutes of work.
 fn check_cache_dir(dir: &Path) -> Result<()> {
+    // read_meta recovers an interrupted save first, so its index is reused, not refused.
+    if read_meta(dir).is_ok() {
+        return Ok(());
+    }
     let not_empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
-    if not_empty && read_meta(dir).is_err() {
+    if not_empty {
         bail!(
             "--index {}: the directory exists and does not hold a readable index; pass an \
              empty or new directory",
             dir.display()
         );
     }
+    check_save_target(dir).with_context(|| format!("--index {}", dir.display()))?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use search_r3_core::embedder::{QueryMode, ReasonMode};
 use search_r3_core::encode::EncodeOptions;
 use search_r3_core::load::{load_embedder, EmbedderOptions};
 use search_r3_core::searcher::{BuildOptions, SearchResult, Searcher};
-use search_r3_index::IndexKind;
+use search_r3_index::{check_save_target, IndexKind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -217,6 +217,8 @@ fn build(a: &BuildArgs) -> Result<()> {
         .out
         .as_ref()
         .context("--out DIR is required to build an index")?;
+    // The save at the end would refuse a file or someone's directory, after all the encoding.
+    check_save_target(out).with_context(|| format!("--out {}", out.display()))?;
     let docs = a.corpus.read()?;
     let (embedder, identity) = load_embedder(&a.model, &a.embed.options(Some(a.max_doc_tokens)))?;
     let opts = BuildOptions {
@@ -380,6 +382,8 @@ pub(crate) fn shipped_adapter(model: &str) -> Option<PathBuf> {
 /// Runs `search-r3 demo`: fetch the model, index the bundled corpus, run example queries with
 /// and without reasoning.
 pub fn demo(a: &DemoArgs) -> Result<()> {
+    // Before fetching the model and encoding the corpus, which a bad --out would waste.
+    check_save_target(&a.out).with_context(|| format!("--out {}", a.out.display()))?;
     let mut embed = a.embed.clone();
     if embed.adapter.is_none() && !a.no_adapter {
         embed.set_adapter(shipped_adapter(&a.model));

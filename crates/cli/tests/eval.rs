@@ -184,6 +184,36 @@ fn dataset_errors_name_the_file_and_line() {
     assert!(data.join("corpus.jsonl").is_file());
 }
 
+/// `--index` that is a file fails before the model is loaded (the model name does not exist,
+/// so reaching it would give another error), naming the path and what was expected.
+#[test]
+fn index_that_is_a_file_fails_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    tiny_dataset(&data);
+    let file = tmp.path().join("vectors");
+    std::fs::write(&file, "mine").unwrap();
+    let f = file.to_str().unwrap();
+    let d = data.to_str().unwrap();
+    let (ok, _, stderr) = run(&[
+        "eval",
+        "--dataset",
+        d,
+        "--model",
+        "no-such-model",
+        "--index",
+        f,
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("--index {f}"))
+            && stderr.contains("it is a file")
+            && !stderr.contains("no-such-model"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+}
+
 /// A `--dataset` that is not a BEIR directory says what is missing and what a BEIR directory
 /// holds, instead of "no split `test`".
 #[test]

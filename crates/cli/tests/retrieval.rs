@@ -258,3 +258,62 @@ fn killed_index_build_resumes_to_the_same_index() {
         assert_eq!(a.get(k), b.get(k), "vector of key {k}");
     }
 }
+
+/// An `--out` that cannot hold an index fails at once, naming the path and what was expected,
+/// before the model is even loaded (the model name here does not exist, so reaching the model
+/// would give another error) and without touching the file.
+#[test]
+fn out_that_is_a_file_fails_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("docs.jsonl");
+    write_corpus(&corpus, &DOCS[..2]);
+    let file = dir.path().join("precious.txt");
+    std::fs::write(&file, "mine").unwrap();
+    let f = file.to_str().unwrap();
+    let (ok, _, err) = run(&[
+        "index",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        f,
+        "--model",
+        "no-such-model",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("--out {f}"))
+            && err.contains("it is a file")
+            && err.contains(
+                "expected a new path, an empty directory, or a directory holding index.json"
+            )
+            && !err.contains("no-such-model"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+
+    // A file where a parent directory should be.
+    let below = file.join("idx");
+    let (ok, _, err) = run(&[
+        "index",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        below.to_str().unwrap(),
+        "--model",
+        "no-such-model",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("{f} is a file, not a directory")) && !err.contains("no-such-model"),
+        "{err}"
+    );
+
+    // demo checks its --out before writing its corpus beside it or fetching the model.
+    let (ok, _, err) = run(&["demo", "--out", f, "--model", "no-such-model"]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("--out {f}")) && err.contains("it is a file"),
+        "{err}"
+    );
+    assert!(!dir.path().join("precious.txt.corpus.jsonl").exists());
+}
