@@ -126,7 +126,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         for (name, b) in [("gen_b1_tok_s", 1), ("gen_b16_tok_s", 16)] {
             let prompts = random_ids(&mut rng, b, 40, vocab);
             let s = timed(long, || {
-                let g = generate(&m.model, &m.tokenizer, &prompts, &cfg)?;
+                let g = generate(
+                    &m.model,
+                    &m.tokenizer,
+                    &prompts,
+                    &cfg,
+                    search_r3_model::Cancel::NEVER,
+                )?;
                 anyhow::ensure!(g.iter().all(|g| g.tokens.len() == new), "short generation");
                 Ok(())
             })?;

@@ -245,7 +245,14 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             let t0 = std::time::Instant::now();
-            let g = generate(&m.model, &m.tokenizer, &[ids], &cfg)?.remove(0);
+            let g = generate(
+                &m.model,
+                &m.tokenizer,
+                &[ids],
+                &cfg,
+                search_r3_model::Cancel::NEVER,
+            )?
+            .remove(0);
             let dt = t0.elapsed().as_secs_f64();
             println!("{}", g.text);
             eprintln!(

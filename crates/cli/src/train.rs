@@ -144,8 +144,14 @@ struct HeldOut {
 impl EvalHook for HeldOut {
     fn evaluate(&mut self, model: &Model, _step: usize) -> search_r3_train::Result<f64> {
         let embed = |seqs: &[Vec<u32>]| -> search_r3_train::Result<Vec<Vec<f32>>> {
-            let raw = embed_at_token(model, seqs, self.pad_id, self.budget)
-                .map_err(|e| search_r3_train::Error::Invalid(e.to_string()))?;
+            let raw = embed_at_token(
+                model,
+                seqs,
+                self.pad_id,
+                self.budget,
+                search_r3_model::Cancel::NEVER,
+            )
+            .map_err(|e| search_r3_train::Error::Invalid(e.to_string()))?;
             Ok(raw.into_iter().map(l2_normalize).collect())
         };
         let d = embed(&self.docs)?;

@@ -13,7 +13,9 @@
 
 use crate::templates::{prompt_parts, PromptParts, TemplateError, Templates};
 use search_r3_index::{l2_normalize, mean_unit};
-use search_r3_model::{generate, Batch, GenerationConfig, LoadedModel, Model, Path, StopReason};
+use search_r3_model::{
+    generate, Batch, Cancel, GenerationConfig, LoadedModel, Model, Path, StopReason,
+};
 use std::time::Instant;
 
 /// Errors from embedding.
@@ -426,7 +428,7 @@ impl Embedder {
         prompts: &[Vec<u32>],
     ) -> Result<Vec<Vec<f32>>, EmbedError> {
         Ok(self
-            .embed_prompts_raw(side, prompts)?
+            .embed_prompts_raw(side, prompts, Cancel::NEVER)?
             .into_iter()
             .map(l2_normalize)
             .collect())
@@ -441,11 +443,13 @@ impl Embedder {
     }
 
     /// [`Embedder::embed_prompts`] without the L2 normalisation: the final-norm hidden states
-    /// at the embed token as the model computes them (TEI's `"normalize": false`).
+    /// at the embed token as the model computes them (TEI's `"normalize": false`); `cancel` is
+    /// checked before every forward pass.
     pub fn embed_prompts_raw(
         &self,
         side: Side,
         prompts: &[Vec<u32>],
+        cancel: Cancel,
     ) -> Result<Vec<Vec<f32>>, EmbedError> {
         for p in prompts {
             if p.last() != Some(&self.embed_id) {
@@ -460,6 +464,7 @@ impl Embedder {
             prompts,
             self.model.tokenizer.pad_id,
             self.batch_tokens,
+            cancel,
         )
     }
 
@@ -502,17 +507,29 @@ impl Embedder {
                     })
                     .collect())
             }
-            QueryMode::Reason => {
-                let mut out = Vec::with_capacity(queries.len());
-                for chunk in queries.chunks(self.reason_batch.max(1)) {
-                    out.extend(self.embed_queries_reasoning(chunk)?);
-                }
-                Ok(out)
-            }
+            QueryMode::Reason => self.reason_queries(queries, Cancel::NEVER),
         }
     }
 
-    fn embed_queries_reasoning(&self, queries: &[&str]) -> Result<Vec<QueryEmbedding>, EmbedError> {
+    /// Embeds queries in [`QueryMode::Reason`] under the [`Embedder::reason_mode`], in chunks of
+    /// [`Embedder::reason_batch`]; `cancel` is checked before every forward pass.
+    pub fn reason_queries(
+        &self,
+        queries: &[&str],
+        cancel: Cancel,
+    ) -> Result<Vec<QueryEmbedding>, EmbedError> {
+        let mut out = Vec::with_capacity(queries.len());
+        for chunk in queries.chunks(self.reason_batch.max(1)) {
+            out.extend(self.reason_chunk(chunk, cancel)?);
+        }
+        Ok(out)
+    }
+
+    fn reason_chunk(
+        &self,
+        queries: &[&str],
+        cancel: Cancel,
+    ) -> Result<Vec<QueryEmbedding>, EmbedError> {
         let mode = &self.reason_mode;
         if mode.thoughts == 0 || (mode.temperature <= 0.0 && mode.thoughts > 1) {
             return Err(search_r3_model::Error::Invalid(format!(
@@ -552,6 +569,7 @@ impl Embedder {
             &rows,
             &cfg,
             self.batch_tokens,
+            cancel,
         )?;
         let think_s = t0.elapsed().as_secs_f64() / queries.len().max(1) as f64;
         let t1 = Instant::now();
@@ -560,7 +578,10 @@ impl Embedder {
                 .iter()
                 .map(|q| self.query_prompt(q))
                 .collect::<Result<_, _>>()?;
-            self.embed_prompts(Side::Query, &direct)?
+            self.embed_prompts_raw(Side::Query, &direct, cancel)?
+                .into_iter()
+                .map(l2_normalize)
+                .collect()
         } else {
             vec![]
         };
@@ -612,7 +633,8 @@ pub struct Thought {
 /// open) under `cfg`, then embeds each: the generation's own hidden state at the embed token
 /// when the model wrote it, else prompt + thought + closing ([`ThoughtCloser`]) embedded with
 /// [`embed_at_token`] in batches of `budget` padded tokens. Inference and `train reason` both
-/// think through this function. `cfg.return_hidden` is forced on.
+/// think through this function. `cfg.return_hidden` is forced on; `cancel` is checked before
+/// every forward pass.
 pub fn think(
     model: &Model,
     tok: &search_r3_model::TextTokenizer,
@@ -620,12 +642,13 @@ pub fn think(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     budget: usize,
+    cancel: Cancel,
 ) -> Result<Vec<Thought>, EmbedError> {
     let cfg = GenerationConfig {
         return_hidden: true,
         ..cfg.clone()
     };
-    let gens = generate(model, tok, prompts, &cfg)?;
+    let gens = generate(model, tok, prompts, &cfg, cancel)?;
     let mut out = Vec::with_capacity(gens.len());
     let mut forced_rows = Vec::new();
     for (i, g) in gens.into_iter().enumerate() {
@@ -662,7 +685,7 @@ pub fn think(
             .iter()
             .map(|&r| out[r].sequence.clone())
             .collect();
-        let vecs = embed_at_token(model, &seqs, tok.pad_id, budget)?;
+        let vecs = embed_at_token(model, &seqs, tok.pad_id, budget, cancel)?;
         for (r, v) in forced_rows.into_iter().zip(vecs) {
             out[r].vector = l2_normalize(v);
         }
@@ -678,11 +701,13 @@ pub fn think(
 /// Prompts run in left-padded batches of at most `budget` padded tokens, planned by
 /// [`crate::encode::plan_batches`] (longest first); padding is masked exactly, so a row does not
 /// depend on what else is in its batch beyond float rounding. Row `i` is `prompts[i]`.
+/// `cancel` is checked before every pass.
 pub fn embed_at_token(
     model: &Model,
     prompts: &[Vec<u32>],
     pad_id: u32,
     budget: usize,
+    cancel: Cancel,
 ) -> Result<Vec<Vec<f32>>, EmbedError> {
     if prompts.iter().any(Vec::is_empty) {
         return Err(search_r3_model::Error::Invalid("embed_at_token: empty prompt".into()).into());
@@ -692,6 +717,7 @@ pub fn embed_at_token(
     for rows in crate::encode::plan_batches(&lengths, budget.max(1)) {
         let batch: Vec<Vec<u32>> = rows.iter().map(|&i| prompts[i].clone()).collect();
         let batch = Batch::left_padded(&batch, pad_id)?;
+        cancel.check()?;
         let h = model.forward(&batch, Path::Fast, None)?;
         let last = h.narrow(1, batch.t - 1, 1)?.squeeze(1)?; // [b, d]
         let vecs: Vec<Vec<f32>> = last.to_dtype(candle_core::DType::F32)?.to_vec2()?;

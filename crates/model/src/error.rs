@@ -43,6 +43,9 @@ pub enum Error {
     /// Invalid argument passed by the caller (wrong batch shape, unknown LoRA target…).
     #[error("{0}")]
     Invalid(String),
+    /// The caller stopped the work between two forward passes (see [`crate::Cancel`]).
+    #[error("cancelled: nobody waits for the result any more")]
+    Cancelled,
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

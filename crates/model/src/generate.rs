@@ -7,6 +7,39 @@ use crate::tokenizer::TextTokenizer;
 use candle_core::{DType, IndexOp, Tensor};
 use rand::{Rng, SeedableRng};
 
+/// Asked between forward passes whether the result is still wanted: a server stops a batch
+/// whose clients have all gone instead of holding its model worker to the end.
+#[derive(Clone, Copy)]
+pub struct Cancel<'a>(Option<&'a (dyn Fn() -> bool + Sync)>);
+
+impl<'a> Cancel<'a> {
+    /// Never cancels (offline work: indexing, evaluation, training).
+    pub const NEVER: Cancel<'static> = Cancel(None);
+
+    /// Cancels once `cancelled` returns true.
+    pub fn when(cancelled: &'a (dyn Fn() -> bool + Sync)) -> Self {
+        Cancel(Some(cancelled))
+    }
+
+    /// `Err(Error::Cancelled)` once cancelled.
+    pub fn check(&self) -> Result<()> {
+        match self.0 {
+            Some(f) if f() => Err(Error::Cancelled),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Cancel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Cancel(when)"
+        } else {
+            "Cancel::NEVER"
+        })
+    }
+}
+
 /// Decoding settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenerationConfig {
@@ -78,12 +111,14 @@ pub struct Generation {
     pub logprobs: Vec<f32>,
 }
 
-/// Generates continuations of `prompts` (token ids) in one left-padded batch.
+/// Generates continuations of `prompts` (token ids) in one left-padded batch; `cancel` is
+/// checked before every forward pass.
 pub fn generate(
     model: &Model,
     tok: &TextTokenizer,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
+    cancel: Cancel,
 ) -> Result<Vec<Generation>> {
     if prompts.is_empty() {
         return Ok(vec![]);
@@ -101,6 +136,7 @@ pub fn generate(
         })
         .collect();
 
+    cancel.check()?;
     let first = Batch::left_padded(prompts, tok.pad_id)?;
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     let mut cache = KvCache::new();
@@ -174,6 +210,7 @@ pub fn generate(
             positions,
             key_mask: km,
         };
+        cancel.check()?;
         let h = model.forward(&batch, Path::Fast, Some(&mut cache))?;
         key_mask = batch.key_mask;
         last_hidden = h.i((.., 0))?;

@@ -37,7 +37,7 @@ pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use error::{Error, Result};
-pub use generate::{generate, Generation, GenerationConfig, StopReason};
+pub use generate::{generate, Cancel, Generation, GenerationConfig, StopReason};
 pub use load::{known_model_for_tests, load_model, load_path, LoadOptions, LoadedModel};
 pub use lora::{Lora, LoraConfig, LoraTarget};
 pub use model::{Batch, EmbedTokenParams, ForwardOptions, ForwardOutput, KvCache, Model, Path};

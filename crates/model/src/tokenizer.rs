@@ -168,14 +168,7 @@ impl TextTokenizer {
             .or(eos_id)
             .unwrap_or(0);
         let chat_template = md_str("tokenizer.chat_template");
-        Self::finish(
-            inner,
-            bos_token,
-            eos_token,
-            eos_id,
-            pad_id,
-            chat_template,
-        )
+        Self::finish(inner, bos_token, eos_token, eos_id, pad_id, chat_template)
     }
 
     /// Loads `tokenizer.json` and the special tokens / chat template of an HF directory.

@@ -150,7 +150,14 @@ fn generation_returns_the_hidden_state_at_the_stop_token() {
             assert!(d <= 1e-4, "hidden at stop differs by {d}");
         }
     };
-    let gens = search_r3_model::generate(&m.model, tok, &prompts, &cfg).unwrap();
+    let gens = search_r3_model::generate(
+        &m.model,
+        tok,
+        &prompts,
+        &cfg,
+        search_r3_model::Cancel::NEVER,
+    )
+    .unwrap();
     assert!(gens.iter().all(|g| g.logprobs.len() == g.tokens.len()));
     check(&gens);
 
@@ -166,7 +173,14 @@ fn generation_returns_the_hidden_state_at_the_stop_token() {
         .unsqueeze(0)
         .unwrap();
     e.row.set(&row).unwrap();
-    let gens = search_r3_model::generate(&m.model, tok, &prompts[..1], &cfg).unwrap();
+    let gens = search_r3_model::generate(
+        &m.model,
+        tok,
+        &prompts[..1],
+        &cfg,
+        search_r3_model::Cancel::NEVER,
+    )
+    .unwrap();
     assert_eq!(gens[0].tokens, vec![e.id]);
     assert_eq!(gens[0].stop, search_r3_model::StopReason::EmbedToken);
     assert!(gens[0].text.ends_with(search_r3_model::EMBED_TOKEN));

@@ -167,7 +167,10 @@ fn merged_adapters_match_unmerged_and_round_trip_as_hf_dir() {
         assert_eq!(back.tokenizer.embed_token_id, Some(e.id));
         assert_eq!(back.model.embed_token.as_ref().unwrap().id, e.id);
         assert_eq!(
-            back.tokenizer.encode_markup("<|embed_token|>").unwrap().last(),
+            back.tokenizer
+                .encode_markup("<|embed_token|>")
+                .unwrap()
+                .last(),
             Some(&e.id)
         );
         let got = hidden(&back.model, &s, Path::Fast);

@@ -87,7 +87,7 @@ pub(crate) fn embed_unit(
     pad_id: u32,
     budget: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    let raw = embed_at_token(model, seqs, pad_id, budget)
+    let raw = embed_at_token(model, seqs, pad_id, budget, search_r3_model::Cancel::NEVER)
         .map_err(|e| crate::Error::Invalid(format!("embedding: {e}")))?;
     Ok(raw.into_iter().map(l2_normalize).collect())
 }

@@ -119,10 +119,24 @@ pub fn check_greedy_generation_matches_reference(MODEL: &str, FIX: &str) {
         ..Default::default()
     };
     // One at a time and all together (left-padded batch) must both reproduce the reference.
-    let batched = generate(&m.model, &m.tokenizer, &prompts, &cfg).unwrap();
+    let batched = generate(
+        &m.model,
+        &m.tokenizer,
+        &prompts,
+        &cfg,
+        search_r3_model::Cancel::NEVER,
+    )
+    .unwrap();
     for (i, c) in cases.iter().enumerate() {
         let want = u32s(&c["greedy_ids"]);
-        let single = generate(&m.model, &m.tokenizer, &prompts[i..i + 1], &cfg).unwrap();
+        let single = generate(
+            &m.model,
+            &m.tokenizer,
+            &prompts[i..i + 1],
+            &cfg,
+            search_r3_model::Cancel::NEVER,
+        )
+        .unwrap();
         assert_eq!(single[0].tokens, want, "case {i} alone");
         assert_eq!(batched[i].tokens, want, "case {i} in batch");
         let expect_stop = if want.len() < 24 {

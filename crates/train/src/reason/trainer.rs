@@ -551,6 +551,7 @@ impl Run<'_> {
                     chunk,
                     &gen,
                     self.cfg.micro_tokens,
+                    search_r3_model::Cancel::NEVER,
                 )
                 .map_err(|e| Error::Invalid(format!("thinking: {e}")))?,
             );

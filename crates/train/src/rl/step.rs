@@ -236,8 +236,16 @@ pub(crate) fn think_all(
     gen: &GenerationConfig,
     micro_tokens: usize,
 ) -> Result<Vec<Thought>> {
-    think(model, tok, closer, prompts, gen, micro_tokens)
-        .map_err(|e| crate::Error::Invalid(format!("reasoning: {e}")))
+    think(
+        model,
+        tok,
+        closer,
+        prompts,
+        gen,
+        micro_tokens,
+        search_r3_model::Cancel::NEVER,
+    )
+    .map_err(|e| crate::Error::Invalid(format!("reasoning: {e}")))
 }
 
 /// Reasoning tokens of a thought: what it generated, its stop token (EOS or the embed token)

@@ -150,7 +150,13 @@ pub fn embed_unit(
     pad_id: u32,
     budget: usize,
 ) -> search_r3_train::Result<Vec<Vec<f32>>> {
-    let raw = search_r3_core::embedder::embed_at_token(model, seqs, pad_id, budget)
-        .map_err(|e| search_r3_train::Error::Invalid(e.to_string()))?;
+    let raw = search_r3_core::embedder::embed_at_token(
+        model,
+        seqs,
+        pad_id,
+        budget,
+        search_r3_model::Cancel::NEVER,
+    )
+    .map_err(|e| search_r3_train::Error::Invalid(e.to_string()))?;
     Ok(raw.into_iter().map(search_r3_index::l2_normalize).collect())
 }
