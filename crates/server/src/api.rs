@@ -3,16 +3,73 @@
 
 use crate::Limits;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use utoipa::ToSchema;
 
+/// What a JSON value is, for error messages.
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The strings of a list, or which item is not one.
+fn strings(items: Vec<Value>) -> Result<Vec<String>, String> {
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::String(s) => Ok(s),
+            other => Err(format!("item {i} is {}, expected a string", kind(&other))),
+        })
+        .collect()
+}
+
+/// The token ids of a list, or which item is not one.
+fn token_ids(items: &[Value], at: &str) -> Result<Vec<u32>, String> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    format!("item {at}{i} is {v}, expected a token id (an integer 0..2^32)")
+                })
+        })
+        .collect()
+}
+
 /// One text or a list of texts.
+// Deserialized through `TryFrom<Value>` so a wrong type is named, not "did not match any
+// variant"; `untagged` still describes the schema.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(untagged)]
+#[serde(untagged, try_from = "Value")]
 pub(crate) enum Inputs {
     /// A single text.
     One(String),
     /// Several texts, answered in order.
     Many(Vec<String>),
+}
+
+impl TryFrom<Value> for Inputs {
+    type Error = String;
+
+    fn try_from(v: Value) -> Result<Self, String> {
+        match v {
+            Value::String(s) => Ok(Inputs::One(s)),
+            Value::Array(items) => strings(items).map(Inputs::Many),
+            other => Err(format!(
+                "expected a string or a list of strings, got {}",
+                kind(&other)
+            )),
+        }
+    }
 }
 
 impl Inputs {
@@ -73,7 +130,7 @@ pub(crate) struct EmbedRequest {
 
 /// OpenAI `input`: text(s) or token ids of text(s).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(untagged)]
+#[serde(untagged, try_from = "Value")]
 pub(crate) enum OpenAiInput {
     /// A single text.
     One(String),
@@ -83,6 +140,42 @@ pub(crate) enum OpenAiInput {
     Tokens(Vec<u32>),
     /// The token ids of several texts.
     ManyTokens(Vec<Vec<u32>>),
+}
+
+impl TryFrom<Value> for OpenAiInput {
+    type Error = String;
+
+    fn try_from(v: Value) -> Result<Self, String> {
+        const WANT: &str =
+            "a string, a list of strings, a list of token ids or a list of lists of \
+                            token ids";
+        let items = match v {
+            Value::String(s) => return Ok(OpenAiInput::One(s)),
+            Value::Array(items) => items,
+            other => return Err(format!("expected {WANT}, got {}", kind(&other))),
+        };
+        // The first item decides which list it is; every other item must agree.
+        match items.first() {
+            None | Some(Value::String(_)) => strings(items).map(OpenAiInput::Many),
+            Some(Value::Number(_)) => token_ids(&items, "").map(OpenAiInput::Tokens),
+            Some(Value::Array(_)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::Array(ids) => token_ids(ids, &format!("{i}.")),
+                    other => Err(format!(
+                        "item {i} is {}, expected a list of token ids",
+                        kind(other)
+                    )),
+                })
+                .collect::<Result<_, _>>()
+                .map(OpenAiInput::ManyTokens),
+            Some(other) => Err(format!("expected {WANT}, got a list of {}s", {
+                let k = kind(other);
+                k.trim_start_matches("a ").trim_start_matches("an ")
+            })),
+        }
+    }
 }
 
 /// `float` (default) or `base64` (little-endian f32 bytes).
@@ -290,7 +383,7 @@ pub(crate) struct UpsertResponse {
 /// `POST /index/delete`.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub(crate) struct DeleteRequest {
-    /// Ids to delete.
+    /// Ids to delete (each once; at most `max_client_batch_size`).
     pub ids: Vec<String>,
 }
 

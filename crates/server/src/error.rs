@@ -6,8 +6,9 @@ use axum::Json;
 
 /// One error answer. `error_type` follows text-embeddings-inference (`validation` 413,
 /// `tokenizer` 422, `overloaded` 429, `unhealthy` 503, `empty` 400, `backend` 424) and adds
-/// `unauthorized` (401), `not_found` (404) and `invalid_request` (malformed JSON or a field
-/// out of range, 400/415/422).
+/// `unauthorized` (401), `not_found` (404), `method_not_allowed` (405), `timeout` (a body
+/// that does not arrive 408, a request over its deadline 503) and `invalid_request`
+/// (malformed JSON or a field out of range, 400/415/422).
 #[derive(Debug, Clone)]
 pub(crate) struct ApiError {
     /// HTTP status.
@@ -16,6 +17,9 @@ pub(crate) struct ApiError {
     pub message: String,
     /// Machine-readable class.
     pub error_type: &'static str,
+    /// Answer with `Connection: close`: the request body was not (fully) read, so the
+    /// connection cannot serve another request and must not wait for the rest.
+    pub close: bool,
 }
 
 /// The JSON body of every error.
@@ -24,7 +28,7 @@ pub(crate) struct ErrorBody {
     /// What went wrong.
     pub error: String,
     /// `validation`, `tokenizer`, `overloaded`, `unhealthy`, `empty`, `backend`,
-    /// `unauthorized`, `not_found` or `invalid_request`.
+    /// `unauthorized`, `not_found`, `method_not_allowed`, `timeout` or `invalid_request`.
     pub error_type: String,
 }
 
@@ -34,6 +38,7 @@ impl ApiError {
             status,
             message: message.into(),
             error_type,
+            close: false,
         }
     }
 
@@ -85,6 +90,29 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// A route called with a method it does not serve: 405.
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this route does not serve that method; see /openapi.json",
+        )
+    }
+
+    /// The request body did not arrive in time (408) or the request ran past its deadline
+    /// (503).
+    pub fn timeout(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::new(status, "timeout", message)
+    }
+
+    /// The same answer, closing the connection after it.
+    pub fn closing(self) -> Self {
+        ApiError {
+            close: true,
+            ..self
+        }
+    }
+
     /// The model or the index failed: 424, as TEI answers backend failures.
     pub fn backend(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FAILED_DEPENDENCY, "backend", message)
@@ -109,6 +137,12 @@ impl IntoResponse for ApiError {
             error_type: self.error_type.to_string(),
         };
         let mut resp = (self.status, Json(body)).into_response();
+        if self.close {
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             // The queue drains in about a batch's time; a second is a fair first retry.
             resp.headers_mut().insert(

@@ -5,8 +5,15 @@
 //! model worker thread batches it with other queued requests under a token budget and runs
 //! the forward pass or the reasoning → the handler looks the vector up in the index
 //! (`/search`) or writes it there (`/index/upsert`, persisted atomically before answering).
-//! Shutdown stops accepting, lets in-flight requests finish, drains the queue, joins the
-//! workers and flushes the index.
+//! Shutdown stops accepting, closes idle and stalled connections at once, lets in-flight
+//! requests finish, drains the queue, joins the workers and flushes the index.
+//!
+//! Hostile clients are bounded at every stage (docs/security.md lists what was tried): at most
+//! `--max-connections` connections, headers within `--header-read-timeout`, a body within
+//! `--body-read-timeout` and `--payload-limit`, every text within `--max-input-bytes` before it
+//! is tokenized (as text only, on a blocking thread), a request within `--max-batch-tokens`
+//! tokens and `--request-timeout`; a model batch whose clients have all gone stops between
+//! forward passes.
 //!
 //! Modules, in TEI's router / queue / backend terms:
 //! - `routes`: the router's HTTP handlers (validation, tokenization, the index).
@@ -40,16 +47,19 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use search_r3_core::embedder::Embedder;
 use search_r3_core::load::{load_embedder, EmbedderOptions, ModelIdentity};
 use search_r3_core::searcher::Searcher;
 use search_r3_index::{HnswParams, IndexKind};
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use utoipa::OpenApi;
 
 /// Server settings: where to listen, the API key and the [`Limits`].
@@ -57,7 +67,8 @@ use utoipa::OpenApi;
 pub struct ServeOptions {
     /// Address to listen on (port 0 picks a free one).
     pub addr: SocketAddr,
-    /// When set, every route but `/health` needs `Authorization: Bearer <key>`.
+    /// When set, every route but `/health` needs `Authorization: Bearer <key>` (`serve` reads
+    /// it from `SEARCH_R3_API_KEY`; a `--api-key` flag is visible in the process list).
     pub api_key: Option<String>,
     /// Limits and batching (`max_input_length` unset: the index's document limit, or 512).
     pub limits: Limits,
@@ -137,11 +148,27 @@ pub(crate) struct AppState {
     opts: ServeOptions,
     /// `opts.limits.max_input_length`, or the embedder's document limit.
     max_input_length: usize,
+    /// `opts.limits.max_input_bytes`, or [`BYTES_PER_TOKEN`] × `max_input_length`.
+    max_input_bytes: usize,
+    /// SHA-256 of the API key: compared digest to digest, so the time taken says nothing
+    /// about the key, not even its length.
+    key_digest: Option<[u8; 32]>,
     metrics: Arc<Metrics>,
     info: Info,
     /// Set when an index write reached memory but not disk (a failed save); shutdown retries.
     dirty: AtomicBool,
-    closing: AtomicBool,
+    /// Becomes true when shutdown begins: connections and body reads waiting on it end.
+    closing: watch::Sender<bool>,
+}
+
+/// The default `--max-input-bytes` per token of `--max-input-length`: a byte-level BPE token of
+/// ordinary text covers 3–6 bytes, so only degenerate text (long runs of one character) reaches
+/// it.
+pub const BYTES_PER_TOKEN: usize = 32;
+
+fn digest(key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).into()
 }
 
 impl AppState {
@@ -194,12 +221,13 @@ pub(crate) fn openapi_doc() -> utoipa::openapi::OpenApi {
     doc
 }
 
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Constant-time equality of two digests.
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if let Some(key) = &s.opts.api_key {
+    if let Some(key) = &s.key_digest {
         if req.uri().path() != "/health" {
             let given = req
                 .headers()
@@ -209,12 +237,27 @@ async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Respo
                 .and_then(|v| v.split_once(' '))
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                 .map(|(_, token)| token);
-            if !given.is_some_and(|g| ct_eq(g.trim().as_bytes(), key.as_bytes())) {
+            if !given.is_some_and(|g| ct_eq(&digest(g.trim()), key)) {
                 return ApiError::unauthorized().into_response();
             }
         }
     }
     next.run(req).await
+}
+
+/// Ends a request that runs past `--request-timeout` with 503; dropping its handler drops its
+/// queued job, or cancels the model batch it runs in once no other client waits on it.
+async fn deadline(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let secs = s.opts.limits.request_timeout;
+    match tokio::time::timeout(Duration::from_secs(secs), next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::timeout(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("the request took longer than {secs} s (--request-timeout)"),
+        )
+        .closing()
+        .into_response(),
+    }
 }
 
 async fn observe(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -254,6 +297,9 @@ impl Server {
         }
         let embedder = slot.clone();
         let max_input_length = limits.max_input_length.unwrap_or(embedder.max_doc_tokens);
+        let max_input_bytes = limits
+            .max_input_bytes
+            .unwrap_or(BYTES_PER_TOKEN * max_input_length);
         let index = backend.index;
         let queue = Queue::start(embedder.clone(), &limits, metrics.clone());
         let id = &backend.identity;
@@ -270,6 +316,7 @@ impl Server {
             dimensions: embedder.dim(),
             limits: Limits {
                 max_input_length: Some(max_input_length),
+                max_input_bytes: Some(max_input_bytes),
                 workers: limits.workers.max(1),
                 ..limits
             },
@@ -293,12 +340,14 @@ impl Server {
             embedder,
             index: index.map(RwLock::new),
             queue,
+            key_digest: opts.api_key.as_deref().map(digest),
             opts: opts.clone(),
             max_input_length,
+            max_input_bytes,
             metrics,
             info,
             dirty: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
+            closing: watch::channel(false).0,
         });
         let router = Router::new()
             .route("/embed", post(routes::embed))
@@ -313,8 +362,13 @@ impl Server {
             .route("/metrics", get(routes::metrics))
             .route("/openapi.json", get(routes::openapi))
             .fallback(routes::not_found)
+            .method_not_allowed_fallback(routes::method_not_allowed)
             .layer(DefaultBodyLimit::max(limits.payload_limit))
             .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                deadline,
+            ))
             // Outermost, so refused requests (401, 413, 429) are counted too.
             .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
             .with_state(state.clone());
@@ -333,40 +387,52 @@ impl Server {
         self.listener.local_addr().expect("bound socket")
     }
 
-    /// Serves until `shutdown` resolves, then finishes in-flight requests, drains the queue,
+    /// Serves until `shutdown` resolves; then closes idle and stalled connections, lets
+    /// in-flight requests finish (dropping them after `--shutdown-timeout`), drains the queue,
     /// stops the workers and flushes the index.
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
-        let closing = self.state.clone();
-        let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
-        let mut http = tokio::spawn(
-            axum::serve(self.listener, self.router)
-                .with_graceful_shutdown(async move {
-                    shutdown.await;
-                    closing.closing.store(true, Ordering::SeqCst);
-                    tracing::info!("shutting down: finishing in-flight requests");
-                    let _ = signalled.send(());
-                })
-                .into_future(),
-        );
-        let grace = state.opts.limits.shutdown_timeout;
-        let served = tokio::select! {
-            r = &mut http => r.context("the HTTP task failed").and_then(|r| r.context("serving HTTP")),
-            _ = async {
-                if on_signal.await.is_ok() {
-                    tokio::time::sleep(grace).await;
-                } else {
-                    std::future::pending::<()>().await;
+        let limits = state.opts.limits;
+        let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+        let mut conns = JoinSet::new();
+        let mut permit: Option<OwnedSemaphorePermit> = None;
+        tokio::pin!(shutdown);
+        // A permit is taken before a connection is accepted, so past the limit new
+        // connections wait in the listen backlog instead of being read.
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                p = permits.clone().acquire_owned(), if permit.is_none() => {
+                    permit = Some(p.expect("the semaphore is never closed"));
                 }
-            } => {
-                tracing::warn!("in-flight requests still open after {grace:?}: dropping them");
-                http.abort();
-                Ok(())
+                r = self.listener.accept(), if permit.is_some() => match r {
+                    Ok((stream, _)) => {
+                        let permit = permit.take().expect("checked above");
+                        let (router, rx) = (self.router.clone(), state.closing.subscribe());
+                        conns.spawn(connection(stream, router, limits, rx, permit));
+                    }
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    Err(e) => {
+                        tracing::warn!("accepting a connection failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
             }
-        };
+        }
+        drop(self.listener);
+        state.closing.send_replace(true);
+        tracing::info!("shutting down: finishing in-flight requests");
+        let grace = limits.shutdown_timeout;
+        let drained =
+            tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!("in-flight requests still open after {grace:?}: dropping them");
+            conns.abort_all();
+        }
         // Whatever happened to HTTP, the queued jobs are finished and the index flushed.
         state.queue.shutdown().await;
         if let Some(lock) = &state.index {
@@ -379,7 +445,72 @@ impl Server {
             }
         }
         tracing::info!("stopped");
-        served
+        Ok(())
+    }
+}
+
+/// Counts a connection's requests in flight while the guard lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(n: &Arc<AtomicUsize>) -> InFlight {
+        n.fetch_add(1, Ordering::SeqCst);
+        InFlight(n.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serves one HTTP/1 connection: its headers must arrive within `--header-read-timeout` (hyper
+/// closes it otherwise). At shutdown a connection with no request in flight — idle, or
+/// stalled before its request reached a handler — is closed at once; one with a request
+/// finishes it and then closes.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    router: Router,
+    limits: Limits,
+    mut closing: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    // Small JSON answers: send them without waiting for Nagle.
+    let _ = stream.set_nodelay(true);
+    let busy = Arc::new(AtomicUsize::new(0));
+    let service = {
+        let busy = busy.clone();
+        hyper::service::service_fn(move |req: axum::http::Request<Incoming>| {
+            use tower_service::Service;
+            let guard = InFlight::enter(&busy);
+            let mut router = router.clone();
+            async move {
+                let _guard = guard;
+                router.call(req).await
+            }
+        })
+    };
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(limits.header_read_timeout));
+    let conn = http.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!("connection ended: {e}");
+            }
+            return;
+        }
+        _ = closing.wait_for(|c| *c) => {}
+    }
+    if busy.load(Ordering::SeqCst) == 0 {
+        return;
+    }
+    conn.as_mut().graceful_shutdown();
+    if let Err(e) = conn.await {
+        tracing::debug!("connection ended: {e}");
     }
 }
 
@@ -402,5 +533,20 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_compared_as_fixed_length_digests() {
+        let key = digest("s3cret-key");
+        assert!(ct_eq(&digest("s3cret-key"), &key));
+        // Shorter, longer and same-length keys all reach the same 32-byte comparison.
+        for other in ["", "s3cret-ke", "s3cret-keyy", "S3CRET-KEY"] {
+            assert!(!ct_eq(&digest(other), &key), "{other:?}");
+        }
     }
 }

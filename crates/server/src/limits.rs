@@ -39,6 +39,25 @@ pub struct Limits {
     /// Request body limit in bytes; larger bodies get 413.
     #[arg(long, default_value_t = 2_000_000)]
     pub payload_limit: usize,
+    /// Bytes per input text: a longer text is cut to this many bytes when truncating, else
+    /// refused (413) — before it is tokenized (default: 32 × max_input_length; no 512-token
+    /// text of ordinary words comes near it).
+    #[arg(long)]
+    #[schema(value_type = usize, required = true)]
+    pub max_input_bytes: Option<usize>,
+    /// Connections served at once; more wait in the listen backlog until one closes.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers; slower ones are disconnected.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout: u64,
+    /// Seconds a client has to send a request's body once its headers are in (408 after).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout: u64,
+    /// Seconds one request may take in all, queue and model included (503 after; its model
+    /// work is cancelled).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout: u64,
     /// Most hits one search returns.
     #[arg(skip = 1000usize)]
     pub max_k: usize,
@@ -84,6 +103,10 @@ impl Limits {
             ("--max-batch-requests", self.max_batch_requests),
             ("--max-client-batch-size", self.max_client_batch_size),
             ("--payload-limit", self.payload_limit),
+            ("--max-connections", self.max_connections),
+            ("--header-read-timeout", self.header_read_timeout as usize),
+            ("--body-read-timeout", self.body_read_timeout as usize),
+            ("--request-timeout", self.request_timeout as usize),
             ("--workers", self.workers),
             (
                 "--shutdown-timeout",
@@ -95,6 +118,9 @@ impl Limits {
         .collect();
         if let Some(n) = self.max_input_length {
             v.extend(["--max-input-length".to_string(), n.to_string()]);
+        }
+        if let Some(n) = self.max_input_bytes {
+            v.extend(["--max-input-bytes".to_string(), n.to_string()]);
         }
         for (on, flag) in [
             (self.auto_truncate, "--auto-truncate"),
@@ -128,8 +154,12 @@ mod tests {
         assert!(d.batching && !d.auto_truncate);
         assert_eq!(d.shutdown_timeout, Duration::from_secs(60));
         assert_eq!(parse(&d.to_args()), d);
+        assert_eq!(d.header_read_timeout, 10);
         let l = Limits {
             max_input_length: Some(16),
+            max_input_bytes: Some(100),
+            max_connections: 3,
+            request_timeout: 7,
             auto_truncate: true,
             batching: false,
             workers: 3,

@@ -2,8 +2,8 @@
 //! token throughput (rate of the token counters).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the server exports, in its own registry.
@@ -28,6 +28,8 @@ pub(crate) struct Metrics {
     pub tokens: IntCounterVec,
     /// Live documents in the index.
     pub index_documents: IntGauge,
+    /// Model batches stopped between forward passes because all their clients had gone.
+    pub cancelled_batches: IntCounter,
 }
 
 fn exp_buckets(start: f64, factor: f64, n: usize) -> Vec<f64> {
@@ -92,6 +94,11 @@ impl Metrics {
         let index_documents =
             IntGauge::new("search_r3_index_documents", "Live documents in the index")
                 .expect("metric");
+        let cancelled_batches = IntCounter::new(
+            "search_r3_cancelled_batches_total",
+            "Model batches stopped early because all their clients had gone",
+        )
+        .expect("metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -102,6 +109,7 @@ impl Metrics {
             Box::new(batch_tokens.clone()),
             Box::new(tokens.clone()),
             Box::new(index_documents.clone()),
+            Box::new(cancelled_batches.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -116,6 +124,7 @@ impl Metrics {
             batch_tokens,
             tokens,
             index_documents,
+            cancelled_batches,
         }
     }
 

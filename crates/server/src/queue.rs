@@ -5,12 +5,17 @@
 //! with batching on, every queued job of the same kind that still fits the batch limits
 //! (prompt tokens, requests) — text-embeddings-inference's dynamic batching — so concurrent
 //! requests share one forward pass. Reasoning jobs (generation) batch with each other.
+//!
+//! A job whose client has gone (disconnected, timed out) is skipped when it is taken; a batch
+//! whose clients have *all* gone stops between two forward passes ([`Cancel`]), so a departed
+//! client holds the worker for at most one pass.
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::Limits;
-use search_r3_core::embedder::{Embedder, QueryEmbedding, QueryMode, Side};
+use search_r3_core::embedder::{EmbedError, Embedder, QueryEmbedding, Side};
 use search_r3_index::l2_normalize;
+use search_r3_model::Cancel;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -240,13 +245,14 @@ fn reply_closed(j: &Job) -> bool {
 }
 
 /// Runs one batch through the model, timed as `inference_time{kind}`. An error or a panic
-/// (which must fail the batch's requests, not kill the worker) becomes `"{what} failed: …"`.
-fn run_model<T, E: std::fmt::Display>(
+/// (which must fail the batch's requests, not kill the worker) becomes `"{what} failed: …"`;
+/// a cancelled batch is counted in `cancelled_batches`.
+fn run_model<T>(
     m: &Metrics,
     kind: &str,
     what: &str,
     started: Instant,
-    f: impl FnOnce() -> Result<T, E>,
+    f: impl FnOnce() -> Result<T, EmbedError>,
 ) -> Result<T, String> {
     let out = std::panic::catch_unwind(AssertUnwindSafe(f));
     m.inference_time
@@ -254,6 +260,12 @@ fn run_model<T, E: std::fmt::Display>(
         .observe(started.elapsed().as_secs_f64());
     match out {
         Ok(Ok(v)) => Ok(v),
+        Ok(Err(EmbedError::Model(search_r3_model::Error::Cancelled))) => {
+            m.cancelled_batches.inc();
+            Err(format!(
+                "{what} cancelled: every client of the batch went away"
+            ))
+        }
         Ok(Err(e)) => Err(format!("{what} failed: {e}")),
         Err(_) => Err(format!("{what} failed: the model panicked")),
     }
@@ -275,6 +287,9 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
     for q in &queue_s {
         m.queue_time.observe(*q);
     }
+    // Asked between forward passes: nobody left to answer means no reason to go on.
+    let gone = || batch.iter().all(reply_closed);
+    let cancel = Cancel::when(&gone);
     let timing = |i: usize| JobTiming {
         queue_s: queue_s[i],
         inference_s: started.elapsed().as_secs_f64(),
@@ -291,7 +306,7 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
         let tokens: usize = all.iter().map(Vec::len).sum();
         m.batch_tokens.observe(tokens as f64);
         let mut vectors = run_model(m, "embed", "embedding", started, || {
-            emb.embed_prompts_raw(side, &all)
+            emb.embed_prompts_raw(side, &all, cancel)
         })
         .map(|v| {
             m.tokens
@@ -333,7 +348,7 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
             .collect();
         let refs: Vec<&str> = queries.iter().map(String::as_str).collect();
         let mut results = run_model(m, "reason", "reasoning", started, || {
-            emb.embed_queries(&refs, QueryMode::Reason)
+            emb.reason_queries(&refs, cancel)
         })
         .map(|v| {
             let generated: usize = v.iter().map(|e| e.generated_tokens).sum();

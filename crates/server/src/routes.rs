@@ -1,6 +1,13 @@
-//! The HTTP handlers. Each validates and tokenizes on the async side (cheap, and errors come
-//! back before a job is queued), hands model work to the [`Queue`](crate::queue::Queue), and
-//! touches the index on a blocking thread.
+//! The HTTP handlers. Each validates its request (errors come back before a job is queued),
+//! tokenizes on a blocking thread after refusing or cutting texts over the byte bound (so no
+//! text, however long, occupies the async threads), hands model work to the
+//! [`Queue`](crate::queue::Queue), and touches the index on a blocking thread.
+//!
+//! User text is tokenized as text only ([`TextTokenizer::encode`]): a control token written in
+//! a document or query is its characters, never its id, so no request can change the prompt's
+//! structure or where the embedding is read.
+//!
+//! [`TextTokenizer::encode`]: search_r3_model::TextTokenizer::encode
 
 use crate::api::*;
 use crate::error::{ApiError, ErrorBody};
@@ -15,19 +22,52 @@ use search_r3_core::embedder::{QueryEmbedding, Side};
 use search_r3_core::searcher::Searcher;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// `Json` whose rejections (bad JSON, wrong types, body over the limit) come back in our
-/// error shape.
+/// error shape, read within `--body-read-timeout` (408 after) and given up at shutdown (503).
 pub(crate) struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<T: serde::de::DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(r) => Err(ApiError::rejection(r.status(), r.body_text())),
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        // A body announced over the limit is refused before any of it is awaited.
+        let limit = state.opts.limits.payload_limit;
+        let announced = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let Some(n) = announced.filter(|&n| n > limit as u64) {
+            return Err(ApiError::too_large(format!(
+                "the body is {n} bytes, more than the limit of {limit} (--payload-limit)"
+            ))
+            .closing());
+        }
+        let secs = state.opts.limits.body_read_timeout;
+        let mut closing = state.closing.subscribe();
+        let read = tokio::time::timeout(
+            Duration::from_secs(secs),
+            Json::<T>::from_request(req, state),
+        );
+        // A body left unread (too large, too slow, shutdown) ends the connection: waiting to
+        // drain it would hand a stalled client the connection again.
+        tokio::select! {
+            r = read => match r {
+                Ok(Ok(Json(v))) => Ok(ApiJson(v)),
+                Ok(Err(r)) => {
+                    let e = ApiError::rejection(r.status(), r.body_text());
+                    Err(if r.status() == StatusCode::PAYLOAD_TOO_LARGE { e.closing() } else { e })
+                }
+                Err(_) => Err(ApiError::timeout(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the request body did not arrive within {secs} s (--body-read-timeout)"),
+                )
+                .closing()),
+            },
+            _ = closing.wait_for(|c| *c) => {
+                Err(ApiError::unhealthy("the server is shutting down").closing())
+            }
         }
     }
 }
@@ -64,10 +104,93 @@ fn write(l: &RwLock<Searcher>) -> RwLockWriteGuard<'_, Searcher> {
     l.write().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The longest prefix (`Right`) or suffix (`Left`) of `text` within `bytes`, on a character
+/// boundary.
+fn cut_bytes(mut text: String, bytes: usize, direction: TruncationDirection) -> String {
+    if text.len() <= bytes {
+        return text;
+    }
+    match direction {
+        TruncationDirection::Right => {
+            let mut end = bytes;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        TruncationDirection::Left => {
+            let mut start = text.len() - bytes;
+            while !text.is_char_boundary(start) {
+                start += 1;
+            }
+            text.drain(..start);
+        }
+    }
+    text
+}
+
 impl AppState {
+    /// Refuses empty or whitespace-only texts (400), as every route that embeds text does.
+    fn check_blank(texts: &[String], field: &str) -> Result<(), ApiError> {
+        match texts.iter().position(|t| t.trim().is_empty()) {
+            Some(i) => Err(ApiError::empty(format!(
+                "`{field}[{i}]` is empty or only whitespace"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Tokenizes texts as text only, on a blocking thread. A text over `--max-input-bytes` is
+    /// cut to it first when `cut` truncates (a byte prefix holds more than `cut.limit`
+    /// tokens whenever the text does, so the token cut that follows sees the same tokens), and
+    /// refused (413) otherwise, before any tokenizing.
+    async fn tokenize_texts(
+        self: &Arc<Self>,
+        texts: Vec<String>,
+        cut: Option<Cut>,
+        field: &'static str,
+    ) -> Result<Vec<Vec<u32>>, ApiError> {
+        let bound = self.max_input_bytes;
+        let texts = texts
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| match cut {
+                _ if t.len() <= bound => Ok(t),
+                Some(c) if c.truncate => Ok(cut_bytes(t, bound, c.direction)),
+                _ => Err(ApiError::too_large(format!(
+                    "`{field}[{i}]` is {} bytes, more than the limit of {bound} \
+                     (--max-input-bytes); shorten it{}",
+                    t.len(),
+                    if cut.is_some() {
+                        " or send `\"truncate\": true`"
+                    } else {
+                        ""
+                    }
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let state = self.clone();
+        blocking(move || {
+            texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    state
+                        .embedder
+                        .model
+                        .tokenizer
+                        .encode(t)
+                        .map_err(|e| ApiError::tokenizer(format!("`{field}[{i}]`: {e}")))
+                })
+                .collect()
+        })
+        .await
+    }
+
     /// Wraps tokenized inputs in `prompt`, enforcing the request limits: none empty (400), none
-    /// over `cut.limit` tokens unless truncating (413). Returns the prompts and the text-token
-    /// count.
+    /// over `cut.limit` tokens unless truncating (413), at most `--max-batch-tokens` text
+    /// tokens in all (413: one request may not hold the model worker longer than a full
+    /// batch). Returns the prompts and the text-token count.
     fn prompts(
         &self,
         texts: Vec<Vec<u32>>,
@@ -103,6 +226,13 @@ impl AppState {
                 PromptName::Query => self.embedder.query_prompt_ids(&body),
             });
         }
+        let most = self.opts.limits.max_batch_tokens;
+        if n_tokens > most {
+            return Err(ApiError::too_large(format!(
+                "`{field}` holds {n_tokens} tokens in all, more than the limit of {most} per \
+                 request (--max-batch-tokens); split it into smaller requests"
+            )));
+        }
         Ok((out, n_tokens))
     }
 
@@ -119,20 +249,6 @@ impl AppState {
         Ok(())
     }
 
-    fn tokenize_texts(&self, texts: &[String], field: &str) -> Result<Vec<Vec<u32>>, ApiError> {
-        texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                self.embedder
-                    .model
-                    .tokenizer
-                    .encode(t)
-                    .map_err(|e| ApiError::tokenizer(format!("`{field}[{i}]`: {e}")))
-            })
-            .collect()
-    }
-
     fn searcher(&self) -> Result<&RwLock<Searcher>, ApiError> {
         self.index.as_ref().ok_or_else(|| {
             ApiError::not_found("this server has no index: start it with `--index DIR`")
@@ -140,12 +256,13 @@ impl AppState {
     }
 }
 
+/// Runs CPU or disk work (tokenizing, the index) on a blocking thread, off the async ones.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError::backend(format!("index task failed: {e}")))?
+        .map_err(|e| ApiError::backend(format!("a blocking task failed: {e}")))?
 }
 
 /// Changes the index under its write lock on a blocking thread; `change` returns its result
@@ -187,8 +304,9 @@ pub(crate) async fn embed(
 ) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
     let texts = req.inputs.into_vec();
     s.check_batch(texts.len(), "inputs")?;
-    let ids = s.tokenize_texts(&texts, "inputs")?;
+    AppState::check_blank(&texts, "inputs")?;
     let cut = s.cut(req.truncate, req.truncation_direction);
+    let ids = s.tokenize_texts(texts, Some(cut), "inputs").await?;
     let name = req.prompt_name.unwrap_or_default();
     let (prompts, _) = s.prompts(ids, cut, name, "inputs")?;
     let side = match name {
@@ -223,11 +341,17 @@ pub(crate) async fn openai_embeddings(
              shortened"
         )));
     }
+    let cut = s.cut(None, None);
     let ids = match req.input {
-        OpenAiInput::One(t) => s.tokenize_texts(&[t], "input")?,
+        OpenAiInput::One(t) => {
+            let ts = vec![t];
+            AppState::check_blank(&ts, "input")?;
+            s.tokenize_texts(ts, Some(cut), "input").await?
+        }
         OpenAiInput::Many(ts) => {
             s.check_batch(ts.len(), "input")?;
-            s.tokenize_texts(&ts, "input")?
+            AppState::check_blank(&ts, "input")?;
+            s.tokenize_texts(ts, Some(cut), "input").await?
         }
         OpenAiInput::Tokens(t) => vec![t],
         OpenAiInput::ManyTokens(ts) => {
@@ -243,7 +367,7 @@ pub(crate) async fn openai_embeddings(
             )));
         }
     }
-    let (prompts, n_tokens) = s.prompts(ids, s.cut(None, None), PromptName::Document, "input")?;
+    let (prompts, n_tokens) = s.prompts(ids, cut, PromptName::Document, "input")?;
     let (vectors, _) = s.queue.embed(Side::Document, prompts, true).await?;
     let data = vectors
         .into_iter()
@@ -297,18 +421,16 @@ pub(crate) async fn search(
         )));
     }
     if req.query.trim().is_empty() {
-        return Err(ApiError::empty("`query` is empty"));
+        return Err(ApiError::empty("`query` is empty or only whitespace"));
     }
-    let ids = s.tokenize_texts(std::slice::from_ref(&req.query), "query")?;
-    let (prompts, _) = s.prompts(
-        ids.clone(),
-        s.cut(req.truncate, None),
-        PromptName::Query,
-        "query",
-    )?;
+    let cut = s.cut(req.truncate, None);
+    let ids = s
+        .tokenize_texts(vec![req.query.clone()], Some(cut), "query")
+        .await?;
+    let (prompts, _) = s.prompts(ids.clone(), cut, PromptName::Query, "query")?;
     let (e, timing) = if reason {
         // The reasoning prompt is built from text: a truncated query is decoded back.
-        let text = if ids[0].len() > s.max_input_length {
+        let text = if ids[0].len() > s.max_input_length || req.query.len() > s.max_input_bytes {
             s.embedder
                 .model
                 .tokenizer
@@ -407,14 +529,20 @@ pub(crate) async fn upsert(
         })
         .collect();
     let texts: Vec<String> = docs.iter().map(Document::full_text).collect();
-    let ids = s.tokenize_texts(&texts, "documents")?;
+    AppState::check_blank(&texts, "documents")?;
     // Documents follow the index's own limit, as `search-r3 index` and `index add` do.
     let cut = Cut {
         limit: s.embedder.max_doc_tokens,
         truncate: req.truncate.unwrap_or(true),
         direction: TruncationDirection::Right,
     };
-    let truncated = ids.iter().filter(|t| t.len() > cut.limit).count();
+    let long: Vec<bool> = texts.iter().map(|t| t.len() > s.max_input_bytes).collect();
+    let ids = s.tokenize_texts(texts, Some(cut), "documents").await?;
+    let truncated = ids
+        .iter()
+        .zip(&long)
+        .filter(|(t, &cut_in_bytes)| cut_in_bytes || t.len() > cut.limit)
+        .count();
     let (prompts, _) = s.prompts(ids, cut, PromptName::Document, "documents")?;
     let (vectors, _) = s.queue.embed(Side::Document, prompts, true).await?;
     let upserted = docs.len();
@@ -437,15 +565,21 @@ pub(crate) async fn upsert(
         (status = 400, description = "No ids", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 404, description = "The server has no index", body = ErrorBody),
-        (status = 422, description = "Malformed request", body = ErrorBody),
+        (status = 413, description = "More ids than `max_client_batch_size`", body = ErrorBody),
+        (status = 422, description = "Malformed request or a repeated id", body = ErrorBody),
     ))]
 pub(crate) async fn delete(
     s: St,
     ApiJson(req): ApiJson<DeleteRequest>,
 ) -> Result<Json<DeleteResponse>, ApiError> {
     s.searcher()?;
-    if req.ids.is_empty() {
-        return Err(ApiError::empty("`ids` is empty"));
+    s.check_batch(req.ids.len(), "ids")?;
+    let mut seen = std::collections::HashSet::new();
+    if let Some(i) = req.ids.iter().position(|id| !seen.insert(id.as_str())) {
+        return Err(ApiError::invalid(format!(
+            "`ids[{i}]` repeats `{}` within the request",
+            req.ids[i]
+        )));
     }
     let n = req.ids.len();
     let (missing, documents) = update_index(s.0.clone(), move |index| {
@@ -466,7 +600,7 @@ pub(crate) async fn delete(
     responses(
         (status = 200, description = "Tokens of each input", body = Vec<Vec<SimpleToken>>),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
-        (status = 413, description = "Too many inputs", body = ErrorBody),
+        (status = 413, description = "Too many inputs, or an input over the byte or token limit", body = ErrorBody),
         (status = 422, description = "Malformed request or untokenizable text", body = ErrorBody),
     ))]
 pub(crate) async fn tokenize(
@@ -475,12 +609,42 @@ pub(crate) async fn tokenize(
 ) -> Result<Json<Vec<Vec<SimpleToken>>>, ApiError> {
     let texts = req.inputs.into_vec();
     s.check_batch(texts.len(), "inputs")?;
-    let tok = s.embedder.model.tokenizer.inner();
+    // The same bounds as embedding: a text too long to embed is too long to tokenize.
+    let bound = s.max_input_bytes;
+    if let Some(i) = texts.iter().position(|t| t.len() > bound) {
+        return Err(ApiError::too_large(format!(
+            "`inputs[{i}]` is {} bytes, more than the limit of {bound} (--max-input-bytes)",
+            texts[i].len()
+        )));
+    }
+    let state = s.0.clone();
+    let special = req.add_special_tokens.unwrap_or(true);
+    blocking(move || tokens_of(&state, &texts, special))
+        .await
+        .map(Json)
+}
+
+/// `/tokenize`'s answer, computed on a blocking thread: the text-only encoding every route
+/// embeds with, so what it shows is what the model reads.
+fn tokens_of(
+    s: &AppState,
+    texts: &[String],
+    add_special_tokens: bool,
+) -> Result<Vec<Vec<SimpleToken>>, ApiError> {
+    let tok = s.embedder.model.tokenizer.text_tokenizer();
+    let limit = s.max_input_length;
     let mut out = Vec::with_capacity(texts.len());
     for (i, text) in texts.iter().enumerate() {
         let enc = tok
-            .encode(text.as_str(), req.add_special_tokens.unwrap_or(true))
+            .encode(text.as_str(), add_special_tokens)
             .map_err(|e| ApiError::tokenizer(format!("`inputs[{i}]`: {e}")))?;
+        if enc.len() > limit {
+            return Err(ApiError::too_large(format!(
+                "`inputs[{i}]` has {} tokens, more than the limit of {limit} \
+                 (--max-input-length)",
+                enc.len()
+            )));
+        }
         let tokens = enc
             .get_ids()
             .iter()
@@ -500,7 +664,7 @@ pub(crate) async fn tokenize(
             .collect();
         out.push(tokens);
     }
-    Ok(Json(out))
+    Ok(out)
 }
 
 /// What the server runs and its limits.
@@ -519,7 +683,7 @@ pub(crate) async fn info(s: St) -> Json<Info> {
     responses((status = 200, body = Health), (status = 503, body = ErrorBody)))]
 pub(crate) async fn health(s: St) -> Result<Json<Health>, ApiError> {
     let workers = s.queue.alive();
-    if workers == 0 || s.closing.load(Ordering::SeqCst) {
+    if workers == 0 || *s.closing.borrow() {
         return Err(ApiError::unhealthy("the model workers are not running"));
     }
     Ok(Json(Health {
@@ -541,6 +705,11 @@ pub(crate) async fn metrics(s: St) -> Response {
 /// Unknown routes get the error shape too.
 pub(crate) async fn not_found() -> ApiError {
     ApiError::not_found("no such route; see /openapi.json")
+}
+
+/// So do known routes called with the wrong method.
+pub(crate) async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
 }
 
 /// The OpenAPI document.
