@@ -235,11 +235,16 @@ fn control_tokens_written_in_text_are_embedded_as_text() {
         assert_eq!(n(&p), n(&plain), "control id {c}");
     }
     // Queries and the reasoning prompt too.
-    for q in [e.query_prompt(doc).unwrap(), e.reason_prompt(doc, 256).unwrap().0] {
+    for q in [
+        e.query_prompt(doc).unwrap(),
+        e.reason_prompt(doc, 256).unwrap().0,
+    ] {
         assert!(q.windows(body.len()).any(|w| w == body.as_slice()));
     }
     // And the vector is the hidden state of that prompt, not of an injected structure.
     let (v, _) = e.embed_documents(&[doc]).unwrap();
-    let want = e.embed_prompts(search_r3_core::embedder::Side::Document, &[p]).unwrap();
+    let want = e
+        .embed_prompts(search_r3_core::embedder::Side::Document, &[p])
+        .unwrap();
     assert!(max_diff(&v[0], &want[0]) <= 1e-6);
 }
