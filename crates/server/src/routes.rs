@@ -429,12 +429,14 @@ pub(crate) async fn search(
         .await?;
     let (prompts, _) = s.prompts(ids.clone(), cut, PromptName::Query, "query")?;
     let (e, timing) = if reason {
-        // The reasoning prompt is built from text: a truncated query is decoded back.
+        // The reasoning prompt is built from text: a query cut (in bytes or tokens) is decoded
+        // back from the tokens kept.
         let text = if ids[0].len() > s.max_input_length || req.query.len() > s.max_input_bytes {
+            let kept = ids[0].len().min(s.max_input_length);
             s.embedder
                 .model
                 .tokenizer
-                .decode(&ids[0][..s.max_input_length], false)
+                .decode(&ids[0][..kept], false)
                 .map_err(|e| ApiError::tokenizer(format!("`query`: {e}")))?
         } else {
             req.query.clone()

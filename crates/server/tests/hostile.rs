@@ -139,6 +139,20 @@ async fn slow_and_stalled_clients_are_cut_off() {
     assert!(got.starts_with("HTTP/1.1 413"), "{got}");
     assert!(closed && t0.elapsed() < Duration::from_secs(2), "{got}");
 
+    // A keep-alive connection left idle after its request is closed at the header timeout too,
+    // so idle connections cannot hold the connection limit.
+    let mut c = TcpStream::connect(addr(&s)).await.unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = c.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let t0 = Instant::now();
+    let (_, closed) = read_until_closed(&mut c, Duration::from_secs(6)).await;
+    assert!(closed, "an idle keep-alive connection stayed open");
+    assert!(t0.elapsed() >= Duration::from_secs(1), "{:?}", t0.elapsed());
+
     // Shutdown does not wait for a stalled or an idle connection.
     let mut stalled = TcpStream::connect(addr(&s)).await.unwrap();
     stalled
