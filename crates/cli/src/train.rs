@@ -24,7 +24,7 @@ use search_r3_core::metrics::evaluate_query;
 use search_r3_core::triples::{read_triples, triples_from_split, Triple};
 use search_r3_index::{l2_normalize, VectorIndex};
 use search_r3_model::Model;
-use search_r3_train::reason::{train_reason, ReasonConfig, ReasonData, ReasonQuery};
+use search_r3_train::reason::{train_reason, ReasonConfig, ReasonData, ReasonQuery, Teacher};
 use search_r3_train::rl::{policy_name, train_rl, RlConfig, RlData, RlQuery};
 use search_r3_train::run::config::RunConfig;
 use search_r3_train::run::TrainOptions;
@@ -66,6 +66,10 @@ pub struct ReasonArgs {
     /// `eval --index`): its vectors are the documents, none are encoded.
     #[arg(long)]
     index: Option<PathBuf>,
+    /// A teacher model (fetched name, .gguf or HF directory) that writes candidate thoughts
+    /// beside the policy's, prompted by the config's `[teacher]` section (which it requires).
+    #[arg(long)]
+    teacher: Option<String>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -549,6 +553,16 @@ fn reason(a: &ReasonArgs) -> Result<()> {
         Some(p) => ReasonConfig::from_file(p)?,
         None => ReasonConfig::default(),
     };
+    match (&a.teacher, &cfg.teacher) {
+        (Some(_), None) => bail!(
+            "--teacher needs a [teacher] section in the config (--config): thoughts, max_tokens, \
+             temperature, system, user (each optional)"
+        ),
+        (None, Some(_)) => {
+            bail!("the config's [teacher] section needs a teacher model: pass --teacher MODEL")
+        }
+        _ => {}
+    }
     let started = std::time::Instant::now();
     let Stacked {
         ds,
@@ -689,6 +703,32 @@ fn reason(a: &ReasonArgs) -> Result<()> {
             ),
         ],
     )?;
+    let teacher_model = match (&a.teacher, &cfg.teacher) {
+        (Some(spec), Some(tc)) => {
+            let lm = search_r3_model::load_model(spec, &search_r3_model::LoadOptions::default())
+                .with_context(|| format!("loading the teacher `{spec}`"))?;
+            let parts =
+                search_r3_core::templates::prompt_parts(&lm.tokenizer, &tc.system, &tc.user, "")?;
+            // Aligned with `data.queries`: the held-out queries come first in `triples`.
+            let mut prompts = Vec::with_capacity(data.queries.len());
+            for t in triples.iter().skip(held) {
+                let mut body = lm.tokenizer.encode(&t.query)?;
+                body.truncate(cfg.max_query_tokens);
+                prompts.push([parts.prefix.as_slice(), &body, &parts.suffix].concat());
+            }
+            let size = std::fs::metadata(&lm.path).map(|m| m.len()).unwrap_or(0);
+            let id = format!("{} {} ({size} bytes)", lm.id, lm.path.display());
+            eprintln!("teacher: {id}");
+            Some((lm, prompts, id))
+        }
+        _ => None,
+    };
+    let teacher = teacher_model.as_ref().map(|(lm, prompts, id)| Teacher {
+        model: &lm.model,
+        tok: &lm.tokenizer,
+        prompts: prompts.clone(),
+        id: id.clone(),
+    });
     let tok = embedder.model.tokenizer.clone();
     let closer = embedder.closer().clone();
     let summary = train_reason(
@@ -696,6 +736,7 @@ fn reason(a: &ReasonArgs) -> Result<()> {
         &tok,
         &closer,
         &data,
+        teacher.as_ref(),
         &cfg,
         merged.lora.as_ref(),
         &opts,

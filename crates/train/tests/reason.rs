@@ -9,7 +9,9 @@ use common::{assert_same_trainable, metric_lines, trainable};
 use search_r3_index::l2_normalize;
 use search_r3_model::{LoraTarget, Model};
 use search_r3_train::reason::select::{beats, retrieval, select_thought, Retrieval};
-use search_r3_train::reason::{train_reason, ReasonConfig, ReasonData, ReasonQuery};
+use search_r3_train::reason::{
+    train_reason, ReasonConfig, ReasonData, ReasonQuery, Teacher, TeacherSection,
+};
 use search_r3_train::run::config::RunConfig;
 use search_r3_train::run::TrainOptions;
 use std::path::Path;
@@ -138,6 +140,7 @@ fn resume_equals_straight_run_mid_round_and_at_a_round_boundary() {
         &tok,
         &cl,
         &d,
+        None,
         &cfg,
         None,
         &opts(&straight, false, None),
@@ -166,6 +169,7 @@ fn resume_equals_straight_run_mid_round_and_at_a_round_boundary() {
             &tok,
             &cl,
             &d,
+            None,
             &cfg,
             None,
             &opts(&resumed, false, Some(stop)),
@@ -178,6 +182,7 @@ fn resume_equals_straight_run_mid_round_and_at_a_round_boundary() {
             &tok,
             &cl,
             &d,
+            None,
             &cfg,
             None,
             &opts(&resumed, true, None),
@@ -208,6 +213,7 @@ fn resume_equals_straight_run_mid_round_and_at_a_round_boundary() {
         &tok,
         &cl,
         &d,
+        None,
         &other,
         None,
         &opts(&tmp.path().join("resumed-2"), true, None),
@@ -242,6 +248,7 @@ fn every_trainable_tensor_moves_and_the_tower_is_saved_stacked() {
         &tok,
         &cl,
         &d,
+        None,
         &cfg,
         Some(&doc_lora),
         &opts(&out, false, None),
@@ -279,6 +286,118 @@ fn every_trainable_tensor_moves_and_the_tower_is_saved_stacked() {
 }
 
 #[test]
+fn teacher_thoughts_compete_in_the_selection_and_resume_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = tokenizer(tmp.path());
+    let cl = closer();
+    let d = data(14, 4, 3);
+    let cfg = ReasonConfig {
+        teacher: Some(TeacherSection {
+            thoughts: 2,
+            max_tokens: 6,
+            temperature: 1.0,
+            ..TeacherSection::default()
+        }),
+        ..config()
+    };
+    // Any model can teach; here another tiny one, prompted with the query's own tokens.
+    let teacher_model = tiny_base(&mut Rng::new(11));
+    let teacher = |id: &str| Teacher {
+        model: &teacher_model,
+        tok: &tok,
+        prompts: d.queries.iter().map(|q| q.prompt.clone()).collect(),
+        id: id.into(),
+    };
+    let t = teacher("tiny-11");
+    let straight = tmp.path().join("straight");
+    let sa = train_reason(
+        &mut base(),
+        &tok,
+        &cl,
+        &d,
+        Some(&t),
+        &cfg,
+        None,
+        &opts(&straight, false, None),
+    )
+    .unwrap();
+    assert_eq!(sa.step, 6);
+    let mut from_teacher = 0;
+    for r in ["thoughts-round1.jsonl", "thoughts-round2.jsonl"] {
+        for line in std::fs::read_to_string(straight.join(r)).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let thoughts = v["thoughts"].as_array().unwrap();
+            let n = thoughts.iter().filter(|t| t["source"] == "teacher").count();
+            assert!(n <= 2, "{line}");
+            assert_eq!(thoughts.len() - n, cfg.thoughts, "{line}");
+            from_teacher += n;
+        }
+    }
+    assert!(from_teacher > 0, "no teacher thought reached the selection");
+    for (s, _) in &sa.rounds {
+        assert!(s.kept_teacher <= s.kept);
+    }
+    // Stopped at the round boundary and resumed: round 2's teacher thoughts are the same.
+    let resumed = tmp.path().join("resumed");
+    let sb = train_reason(
+        &mut base(),
+        &tok,
+        &cl,
+        &d,
+        Some(&t),
+        &cfg,
+        None,
+        &opts(&resumed, false, Some(3)),
+    )
+    .unwrap();
+    assert!(sb.stopped_early);
+    let sc = train_reason(
+        &mut base(),
+        &tok,
+        &cl,
+        &d,
+        Some(&t),
+        &cfg,
+        None,
+        &opts(&resumed, true, None),
+    )
+    .unwrap();
+    assert_eq!(sc.rounds, sa.rounds);
+    assert_eq!(
+        std::fs::read(straight.join("thoughts-round2.jsonl")).unwrap(),
+        std::fs::read(resumed.join("thoughts-round2.jsonl")).unwrap()
+    );
+    // Another teacher, or none, is refused.
+    let other = teacher("tiny-12");
+    let err = train_reason(
+        &mut base(),
+        &tok,
+        &cl,
+        &d,
+        Some(&other),
+        &cfg,
+        None,
+        &opts(&resumed, true, None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("teacher"), "{err}");
+    let err = train_reason(
+        &mut base(),
+        &tok,
+        &cl,
+        &d,
+        None,
+        &cfg,
+        None,
+        &opts(&tmp.path().join("none"), false, None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("[teacher]"), "{err}");
+}
+
+#[test]
 fn config_errors_name_the_field() {
     for (toml, field) in [
         ("thoughts = 0", "thoughts"),
@@ -290,6 +409,9 @@ fn config_errors_name_the_field() {
         ("select_by = \"best\"", "select_by"),
         ("top_p = 0.0", "top_p"),
         ("nonsense = 1", "nonsense"),
+        ("[teacher]\nuser = \"no slot\"", "{text}"),
+        ("[teacher]\nthoughts = 0", "thoughts"),
+        ("[teacher]\nbogus = 1", "bogus"),
     ] {
         let err = ReasonConfig::from_toml(toml, "reason.toml")
             .unwrap_err()

@@ -19,4 +19,5 @@ mod trainer;
 
 pub use trainer::{
     train_reason, ReasonConfig, ReasonData, ReasonEval, ReasonQuery, ReasonSummary, Selection,
+    Teacher, TeacherSection,
 };

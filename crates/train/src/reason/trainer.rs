@@ -6,7 +6,12 @@
 //! 1. **Think.** `queries_per_round` training queries (a seeded sample) each get `thoughts`
 //!    sampled thoughts from the current policy (temperature, nucleus, at least
 //!    `min_thought_tokens` and at most `thought_tokens` tokens), embedded at the
-//!    `<|embed_token|>` that closes them — the same [`think`] inference uses.
+//!    `<|embed_token|>` that closes them — the same [`think`] inference uses. With a
+//!    [`Teacher`] (O1 Embedder's setup), another model also writes `[teacher] thoughts` per
+//!    query from its own prompt (what a relevant document would say, HyDE-style); each is
+//!    re-tokenized as text by the student, cut to `thought_tokens`, closed and embedded by the
+//!    policy exactly as its own thoughts are, and competes with them in the selection — a kept
+//!    teacher thought is what the policy then learns to write (the CE term).
 //! 2. **Select.** Each thought and the query's direct embedding are scored against the frozen
 //!    documents ([`retrieval`]); the best thought is kept when it beats the direct embedding
 //!    ([`select_thought`]), else the query trains direct only.
@@ -45,7 +50,7 @@ use search_r3_core::metrics::evaluate_query;
 use search_r3_index::mean_unit;
 use search_r3_model::files::write_atomic;
 use search_r3_model::state::{load_trainable, save_trainable};
-use search_r3_model::{GenerationConfig, Lora, Model, TextTokenizer};
+use search_r3_model::{generate, Cancel, GenerationConfig, Lora, Model, TextTokenizer};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -117,6 +122,54 @@ pub struct ReasonConfig {
     pub lora: LoraSection,
     /// AdamW settings.
     pub adamw: AdamWConfig,
+    /// Teacher thoughts (`[teacher]`; absent: the policy's own thoughts only). Needs a teacher
+    /// model from the caller (`train reason --teacher`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<TeacherSection>,
+}
+
+/// How the teacher writes its candidate thoughts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TeacherSection {
+    /// Thoughts the teacher writes per query (default 4).
+    pub thoughts: usize,
+    /// Most tokens the teacher writes, in its own tokenizer (default 64); the student keeps at
+    /// most `thought_tokens` of its own tokens of the text.
+    pub max_tokens: usize,
+    /// Sampling temperature (default 0.7).
+    pub temperature: f64,
+    /// The teacher's system prompt.
+    pub system: String,
+    /// The teacher's user prompt; `{text}` is replaced by the query.
+    pub user: String,
+}
+
+impl Default for TeacherSection {
+    fn default() -> Self {
+        TeacherSection {
+            thoughts: 4,
+            max_tokens: 64,
+            temperature: 0.7,
+            system: "You help a search engine find scientific documents.".into(),
+            user: "Query: {text}\nWrite what a relevant document would say: its key terms, \
+                   entities and findings, in one or two short sentences."
+                .into(),
+        }
+    }
+}
+
+/// The model that writes teacher thoughts, and its prompt for each training query.
+pub struct Teacher<'a> {
+    /// The teacher model (any architecture the runtime loads; its own tokenizer).
+    pub model: &'a Model,
+    /// Its tokenizer.
+    pub tok: &'a TextTokenizer,
+    /// Row `i` is the prompt (chat template, generation prompt open) of `ReasonData::queries[i]`.
+    pub prompts: Vec<Vec<u32>>,
+    /// What identifies the teacher's output (model, weights, prompt): part of the data hash, so
+    /// a resume with another teacher is refused.
+    pub id: String,
 }
 
 impl Default for ReasonConfig {
@@ -150,6 +203,7 @@ impl Default for ReasonConfig {
             seed: 0,
             lora: LoraSection::default(),
             adamw: AdamWConfig::default(),
+            teacher: None,
         }
     }
 }
@@ -204,6 +258,24 @@ impl RunConfig for ReasonConfig {
                 "train reason: select_by must be direct, greedy or mean, got `{}`",
                 self.select_by
             );
+        }
+        if let Some(t) = &self.teacher {
+            positive(
+                "train reason [teacher]",
+                &[("thoughts", t.thoughts), ("max_tokens", t.max_tokens)],
+            )?;
+            finite(
+                "train reason [teacher]",
+                &[("temperature", t.temperature, true)],
+            )?;
+            if t.temperature == 0.0 && t.thoughts > 1 {
+                invalid!("train reason [teacher]: temperature 0 (greedy) writes one thought, not thoughts = {}", t.thoughts);
+            }
+            if !t.user.contains("{text}") {
+                invalid!(
+                    "train reason [teacher]: user must contain {{text}} (where the query goes)"
+                );
+            }
         }
         self.lora.validate("train reason")
     }
@@ -342,6 +414,25 @@ pub struct Selection {
     pub tokens: f64,
     /// Share of thoughts closed by the template (the model did not write the token).
     pub forced: f64,
+    /// Of the kept thoughts, how many the teacher wrote.
+    #[serde(default)]
+    pub kept_teacher: usize,
+    /// Mean nDCG of each query's best teacher thought (0 without a teacher).
+    #[serde(default)]
+    pub best_teacher_ndcg: f64,
+}
+
+/// One candidate thought of the selection, the policy's or the teacher's.
+struct Candidate {
+    text: String,
+    /// Prompt + thought + closing, ending with `<|embed_token|>`.
+    sequence: Vec<u32>,
+    /// Unit vector at the end of `sequence` under the current policy.
+    vector: Vec<f32>,
+    /// The thought's tokens (the student's).
+    tokens: usize,
+    forced: bool,
+    teacher: bool,
 }
 
 /// How a thought-stage run ended.
@@ -380,19 +471,47 @@ struct ReasonState {
     files: BTreeMap<String, String>,
 }
 
+/// The hash a resume must match: the data's, and the teacher's identity and prompts.
+fn run_data_hash(data: &ReasonData, teacher: Option<&Teacher>) -> String {
+    let Some(t) = teacher else {
+        return data.hash();
+    };
+    let mut h = Sha256::new();
+    h.update(data.hash().as_bytes());
+    h.update(t.id.as_bytes());
+    for p in &t.prompts {
+        p.iter().for_each(|x| h.update(x.to_le_bytes()));
+        h.update([0xff]);
+    }
+    hex::encode(h.finalize())
+}
+
 /// Runs (or resumes) the thought stage on `model` (the query tower; `base` is the folded
-/// document adapter it starts from and is saved stacked onto).
+/// document adapter it starts from and is saved stacked onto). `teacher` writes candidate
+/// thoughts beside the policy; it is required exactly when `cfg.teacher` is set.
+#[allow(clippy::too_many_arguments)]
 pub fn train_reason(
     model: &mut Model,
     tok: &TextTokenizer,
     closer: &ThoughtCloser,
     data: &ReasonData,
+    teacher: Option<&Teacher>,
     cfg: &ReasonConfig,
     base: Option<&Lora>,
     opts: &TrainOptions,
 ) -> Result<ReasonSummary> {
     cfg.validate()?;
     data.validate()?;
+    match (&cfg.teacher, teacher) {
+        (Some(_), None) => invalid!("train reason: the config has a [teacher] section but no teacher model was given (--teacher)"),
+        (None, Some(_)) => invalid!("train reason: a teacher model was given but the config has no [teacher] section"),
+        (Some(_), Some(t)) if t.prompts.len() != data.queries.len() => invalid!(
+            "train reason: {} teacher prompts for {} training queries",
+            t.prompts.len(),
+            data.queries.len()
+        ),
+        _ => {}
+    }
     if model.lora.is_some() {
         invalid!("train_reason: the model already has LoRA adapters; fold them in and pass them as `base`");
     }
@@ -406,7 +525,7 @@ pub fn train_reason(
     let out = opts.out.as_path();
     let base_hash = run::policy_base_hash(base, &opts.adapter_metadata)?;
     run::attach_adapters(model, &cfg.lora, opts)?;
-    let mut state = start(model, data, cfg, base_hash, opts)?;
+    let mut state = start(model, run_data_hash(data, teacher), cfg, base_hash, opts)?;
     let (opt, vars) = run::optimizer(model, cfg.adamw, opts)?;
     let d = data.docs[0].len();
     let flat: Vec<f32> = data.docs.iter().flatten().copied().collect();
@@ -414,6 +533,7 @@ pub fn train_reason(
         tok,
         closer,
         data,
+        teacher,
         cfg,
         base,
         opts,
@@ -512,6 +632,7 @@ struct Run<'a> {
     tok: &'a TextTokenizer,
     closer: &'a ThoughtCloser,
     data: &'a ReasonData,
+    teacher: Option<&'a Teacher<'a>>,
     cfg: &'a ReasonConfig,
     base: Option<&'a Lora>,
     opts: &'a TrainOptions,
@@ -559,6 +680,75 @@ impl Run<'_> {
         Ok(out)
     }
 
+    /// The teacher's candidate thoughts for the training queries `pool` (in order), each
+    /// re-tokenized as text by the student, cut to `thought_tokens`, closed and embedded by
+    /// `model`. Thoughts shorter than `min_thought_tokens` student tokens are dropped.
+    fn teach(
+        &self,
+        t: &Teacher,
+        model: &Model,
+        pool: &[usize],
+        round: usize,
+    ) -> Result<Vec<Vec<Candidate>>> {
+        let (cfg, data) = (self.cfg, self.data);
+        let tc = cfg
+            .teacher
+            .as_ref()
+            .expect("validated: a teacher has its section");
+        let n = tc.thoughts;
+        let rows: Vec<Vec<u32>> = pool
+            .iter()
+            .flat_map(|&i| std::iter::repeat_n(t.prompts[i].clone(), n))
+            .collect();
+        let mut texts = Vec::with_capacity(rows.len());
+        for (c, chunk) in rows.chunks(cfg.generation_batch).enumerate() {
+            let gen = GenerationConfig {
+                max_new_tokens: tc.max_tokens,
+                temperature: tc.temperature,
+                top_p: (tc.temperature > 0.0).then_some(cfg.top_p),
+                seed: Stream::new(cfg.seed, 0x7eac ^ round as u64, c as u64).next(),
+                stop_at_embed_token: false,
+                ..Default::default()
+            };
+            for g in generate(t.model, t.tok, chunk, &gen, Cancel::NEVER)? {
+                texts.push(t.tok.decode(&g.tokens, true)?.trim().to_string());
+            }
+        }
+        let mut seqs = Vec::new();
+        let mut owner = Vec::new();
+        let mut kept_texts = Vec::new();
+        for (r, text) in texts.into_iter().enumerate() {
+            let mut ids = self.tok.encode(&text)?;
+            ids.truncate(cfg.thought_tokens);
+            if ids.len() < cfg.min_thought_tokens.max(1) {
+                continue;
+            }
+            let q = &data.queries[pool[r / n]];
+            seqs.push(
+                self.closer
+                    .close(&q.prompt, &ids)
+                    .map_err(|e| Error::Invalid(format!("closing a teacher thought: {e}")))?,
+            );
+            owner.push((r / n, ids.len()));
+            kept_texts.push(self.tok.decode(&ids, true)?.trim().to_string());
+        }
+        let vectors = crate::forward::embed_unit(model, &seqs, data.pad_id, cfg.micro_tokens)?;
+        let mut out: Vec<Vec<Candidate>> = (0..pool.len()).map(|_| Vec::new()).collect();
+        for ((((i, tokens), sequence), vector), text) in
+            owner.into_iter().zip(seqs).zip(vectors).zip(kept_texts)
+        {
+            out[i].push(Candidate {
+                text,
+                sequence,
+                vector,
+                tokens,
+                forced: false,
+                teacher: true,
+            });
+        }
+        Ok(out)
+    }
+
     /// Direct unit embeddings of `queries`.
     fn direct(&self, model: &Model, queries: &[&ReasonQuery]) -> Result<Vec<Vec<f32>>> {
         let seqs: Vec<Vec<u32>> = queries.iter().map(|q| q.direct.clone()).collect();
@@ -593,6 +783,29 @@ impl Run<'_> {
         )?;
         let direct = self.direct(model, &qs)?;
         let k = cfg.thoughts;
+        let mut per_query: Vec<Vec<Candidate>> = thoughts
+            .chunks(k)
+            .map(|mine| {
+                mine.iter()
+                    .map(|t| Candidate {
+                        text: t.text.clone(),
+                        sequence: t.sequence.clone(),
+                        vector: t.vector.clone(),
+                        tokens: t.tokens.len(),
+                        forced: t.forced,
+                        teacher: false,
+                    })
+                    .collect()
+            })
+            .collect();
+        if let Some(t) = self.teacher {
+            for (mine, taught) in per_query
+                .iter_mut()
+                .zip(self.teach(t, model, &pool, round)?)
+            {
+                mine.extend(taught);
+            }
+        }
         let mut kept = Vec::with_capacity(qs.len());
         let mut sel = Selection {
             queries: qs.len(),
@@ -602,7 +815,7 @@ impl Run<'_> {
         let mut samples: Vec<String> = Vec::with_capacity(qs.len());
         for (i, q) in qs.iter().enumerate() {
             let d = retrieval(&direct[i], &data.docs, &q.gold);
-            let mine = &thoughts[i * k..(i + 1) * k];
+            let mine = &per_query[i];
             let scores: Vec<Retrieval> = mine
                 .iter()
                 .map(|t| retrieval(&t.vector, &data.docs, &q.gold))
@@ -612,25 +825,37 @@ impl Run<'_> {
                 .filter(|s| super::select::beats(s, &d))
                 .count();
             sel.direct_ndcg += d.ndcg;
-            sel.best_thought_ndcg += scores.iter().map(|s| s.ndcg).fold(0.0, f64::max);
+            let best_of = |teacher: bool| {
+                mine.iter()
+                    .zip(&scores)
+                    .filter(|(c, _)| c.teacher == teacher)
+                    .map(|(_, s)| s.ndcg)
+                    .fold(0.0, f64::max)
+            };
+            sel.best_thought_ndcg += best_of(false);
+            sel.best_teacher_ndcg += best_of(true);
             let pick = select_thought(&d, &scores);
             sel.kept += pick.is_some() as usize;
+            sel.kept_teacher += pick.is_some_and(|j| mine[j].teacher) as usize;
             samples.push(
                 json!({"query": pool[i], "direct_ndcg": d.ndcg,
                 "thoughts": mine.iter().zip(&scores).map(|(t, s)| json!({
                     "text": t.text, "ndcg": s.ndcg, "best_rank": s.best_rank,
-                    "gold_cos": s.gold_cos, "forced": t.forced})).collect::<Vec<_>>(),
+                    "gold_cos": s.gold_cos, "forced": t.forced,
+                    "source": if t.teacher { "teacher" } else { "policy" }})).collect::<Vec<_>>(),
                 "kept": pick})
                 .to_string(),
             );
             kept.push(pick.map(|j| mine[j].sequence.clone()));
         }
-        let (nq, nt) = (qs.len().max(1) as f64, thoughts.len().max(1) as f64);
+        let all: Vec<&Candidate> = per_query.iter().flatten().collect();
+        let (nq, nt) = (qs.len().max(1) as f64, all.len().max(1) as f64);
         sel.direct_ndcg /= nq;
         sel.best_thought_ndcg /= nq;
+        sel.best_teacher_ndcg /= nq;
         sel.thoughts_beating_direct = beating as f64 / nt;
-        sel.tokens = thoughts.iter().map(|t| t.tokens.len() as f64).sum::<f64>() / nt;
-        sel.forced = thoughts.iter().filter(|t| t.forced).count() as f64 / nt;
+        sel.tokens = all.iter().map(|t| t.tokens as f64).sum::<f64>() / nt;
+        sel.forced = all.iter().filter(|t| t.forced).count() as f64 / nt;
         // Every thought and its score, for reading what the policy writes.
         let path = self
             .opts
@@ -643,10 +868,11 @@ impl Run<'_> {
             .line(&json!({"step": step, "selection": sel, "round": round,
             "seconds": t0.elapsed().as_secs_f64()}))?;
         self.say(format!(
-            "round {}: kept {}/{} thoughts ({:.0}% of all thoughts beat direct); nDCG direct {:.4}, best thought {:.4}; {:.1} tokens/thought; {:.0}s",
+            "round {}: kept {}/{} thoughts ({} the teacher's; {:.0}% of all thoughts beat direct); nDCG direct {:.4}, best thought {:.4}; {:.1} tokens/thought; {:.0}s",
             round + 1,
             sel.kept,
             sel.queries,
+            sel.kept_teacher,
             100.0 * sel.thoughts_beating_direct,
             sel.direct_ndcg,
             sel.best_thought_ndcg,
@@ -861,7 +1087,7 @@ impl Run<'_> {
 /// base required; the adapter is loaded into `model`), or fresh.
 fn start(
     model: &mut Model,
-    data: &ReasonData,
+    data_hash: String,
     cfg: &ReasonConfig,
     base_hash: String,
     opts: &TrainOptions,
@@ -875,7 +1101,7 @@ fn start(
             round: 0,
             cursor: Cursor::default(),
             config_hash: cfg.hash(),
-            data_hash: data.hash(),
+            data_hash,
             base_hash,
             best: None,
             start_eval: None,
@@ -892,7 +1118,7 @@ fn start(
         &dir.join(REASON_CHECKPOINT.state_file),
         &[
             (&s.config_hash, &cfg.hash(), "checkpoint was written with a different config (hash mismatch); resume with the same config"),
-            (&s.data_hash, &data.hash(), "checkpoint was written for different data or document vectors (hash mismatch)"),
+            (&s.data_hash, &data_hash, "checkpoint was written for different data, document vectors or teacher (hash mismatch)"),
             (&s.base_hash, &base_hash, "checkpoint was written on a different base model or document adapter; resume with the same --model and --adapter"),
         ],
     )?;
