@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures/metrics")
+        .join("../../fixtures/metrics")
         .join(name)
 }
 

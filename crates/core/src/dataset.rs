@@ -85,6 +85,33 @@ pub struct BeirSplit {
     pub unknown_docs: Vec<(usize, String)>,
 }
 
+/// The BEIR dataset `name` for tests: `$SEARCH_R3_DATASETS/name`, else
+/// `../shared/datasets/name` beside the checkout. Datasets are not shipped in the repository;
+/// when it is absent this prints one SKIP line saying where it comes from and returns `None`,
+/// except in CI (`CI` set), where a missing dataset fails the test.
+#[doc(hidden)]
+pub fn dataset_for_tests(name: &str) -> Option<PathBuf> {
+    let dir = match std::env::var_os("SEARCH_R3_DATASETS") {
+        Some(d) => PathBuf::from(d).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/datasets")
+            .join(name),
+    };
+    if dir.join("corpus.jsonl").is_file() {
+        return Some(dir);
+    }
+    let hint = format!(
+        "dataset `{name}` not at {} (not shipped: BEIR's {name}, converted by \
+         shared/tools/build_scifact.py; or set SEARCH_R3_DATASETS)",
+        dir.display()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("CI needs the {hint}");
+    }
+    eprintln!("SKIP: {hint}");
+    None
+}
+
 /// The splits present under `dir/qrels`, sorted.
 pub fn available_splits(dir: &Path) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(dir.join("qrels"))

@@ -1,5 +1,5 @@
 //! trec_eval-exact metrics, TREC run files and RRF fusion, checked against values produced by
-//! pytrec_eval (`shared/fixtures/metrics`) and against small hand-computed cases.
+//! pytrec_eval (`fixtures/metrics` in the repository) and against small hand-computed cases.
 
 use search_r3_core::metrics::{
     evaluate, evaluate_hits, missing_queries, unknown_queries, Qrels, Scores, ALL_METRICS,
@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/metrics")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/metrics")
 }
 
 fn expected() -> serde_json::Value {

@@ -12,7 +12,6 @@
 //! before and after churn), so the case guards real embeddings and the churn
 //! bookkeeping, while recall at scale is crates/index/tests/scale.rs's job.
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
 use search_r3_core::corpus::{read_corpus, read_queries, ReadOptions};
@@ -24,10 +23,6 @@ use search_r3_model::known_model_for_tests;
 
 /// Documents encoded: the corpus's first `DOCS`, in file order.
 const DOCS: usize = 1000;
-
-fn scifact() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/scifact")
-}
 
 fn search_all(index: &dyn VectorIndex, queries: &[Vec<f32>]) -> Vec<Vec<Hit>> {
     queries
@@ -41,10 +36,13 @@ fn hnsw_recall_on_scifact_embeddings_stays_above_0_99_through_upserts_and_delete
     let Some(model) = known_model_for_tests("smollm2") else {
         return;
     };
+    let Some(scifact) = search_r3_core::dataset::dataset_for_tests("scifact") else {
+        return;
+    };
     let templates = Templates::for_arch(model.model.config.arch);
     let embedder = Embedder::new(model, templates, 32).unwrap();
 
-    let (mut docs, _) = read_corpus(&scifact(), &ReadOptions::default()).unwrap();
+    let (mut docs, _) = read_corpus(&scifact, &ReadOptions::default()).unwrap();
     assert_eq!(docs.len(), 5183, "SciFact corpus size");
     docs.truncate(DOCS);
     let texts: Vec<String> = docs.iter().map(|d| d.full_text()).collect();
@@ -55,10 +53,10 @@ fn hnsw_recall_on_scifact_embeddings_stays_above_0_99_through_upserts_and_delete
     let encoded = encode_documents(&embedder, &texts, &opts, &AtomicBool::new(false)).unwrap();
     let dim = embedder.dim();
 
-    let all_queries = read_queries(&scifact()).unwrap();
+    let all_queries = read_queries(&scifact).unwrap();
     // The test split's queries, embedded the way `search` embeds them without --reason.
     let test_ids: std::collections::HashSet<String> =
-        std::fs::read_to_string(scifact().join("qrels/test.tsv"))
+        std::fs::read_to_string(scifact.join("qrels/test.tsv"))
             .unwrap()
             .lines()
             .skip(1)

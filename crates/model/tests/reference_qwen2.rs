@@ -1,5 +1,5 @@
 //! The runtime against transformers/PyTorch on the real Qwen2.5-Coder-0.5B-Instruct GGUF (qwen2: q/k/v biases, untied head)
-//! (`../shared/fixtures/qwen2.5-coder-0.5b`). CI fetches the model; locally these skip if it is absent.
+//! (`fixtures/qwen2.5-coder-0.5b`). CI fetches the model; locally these skip if it is absent.
 
 mod common;
 use common::reference::*;

@@ -1,5 +1,5 @@
 //! The runtime against transformers/PyTorch on the real SmolLM2-135M GGUF
-//! (`../shared/fixtures/smollm2`). CI fetches the model; locally these skip if it is absent.
+//! (`fixtures/smollm2`). CI fetches the model; locally these skip if it is absent.
 
 mod common;
 use common::reference::*;
@@ -59,7 +59,7 @@ fn every_trainable_tensor_gets_a_gradient() {
         }
     }
     let text = "<|im_start|>assistant\nThe embedding is <|embed_token|><|im_end|>";
-    let ids = m.tokenizer.encode(text).unwrap();
+    let ids = m.tokenizer.encode_markup(text).unwrap();
     let eid = model.embed_token.as_ref().unwrap().id;
     assert_eq!(
         ids.iter().filter(|&&i| i == eid).count(),

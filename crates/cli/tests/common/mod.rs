@@ -2,7 +2,7 @@
 //! whether a real-model case runs (always in CI, which fetches; skipped locally when absent).
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 /// Runs `search-r3 ARGS`: (success, stdout, stderr).
@@ -18,9 +18,10 @@ pub fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// `../shared/datasets/scifact`, beside the checkout.
-pub fn scifact() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/scifact")
+/// `../shared/datasets/scifact`, beside the checkout: `None` with a SKIP line when absent
+/// outside CI (datasets are not shipped); in CI its absence fails the test.
+pub fn scifact() -> Option<PathBuf> {
+    search_r3_core::dataset::dataset_for_tests("scifact")
 }
 
 /// Whether the fetched model `name` can be used: in CI always (tests fetch it), locally only

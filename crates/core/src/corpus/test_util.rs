@@ -39,17 +39,8 @@ pub(super) fn doc(id: &str, title: &str, text: &str) -> Document {
     }
 }
 
-/// The SciFact dataset shipped with the project; `None` (and a note) when it is absent.
+/// The SciFact dataset beside the checkout; `None` (and a SKIP line) when it is absent outside
+/// CI.
 pub(super) fn scifact_dir() -> Option<PathBuf> {
-    let candidates = [
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/scifact"),
-        PathBuf::from("/work/shared/datasets/scifact"),
-    ];
-    let found = candidates
-        .into_iter()
-        .find(|dir| dir.join("corpus.jsonl").is_file());
-    if found.is_none() {
-        eprintln!("note: SciFact not found under shared/datasets/scifact; test skipped");
-    }
-    found
+    crate::dataset::dataset_for_tests("scifact")
 }
