@@ -34,12 +34,17 @@ enum Cmd {
     /// Fetch, list and inspect models.
     #[command(subcommand)]
     Model(ModelCmd),
-    /// Print the token ids of a text.
+    /// Print the token ids of a text, read as documents and queries are (special tokens written
+    /// in it are plain text).
     Tokenize {
         #[command(flatten)]
         model: ModelArg,
         /// Text to tokenize.
         text: String,
+        /// Read it as markup instead, as chat templates are: special tokens written in it
+        /// (`<|im_end|>`, `<|embed_token|>`) map to their ids.
+        #[arg(long)]
+        markup: bool,
     },
     /// Generate a continuation (greedy by default).
     Generate(GenerateArgs),
@@ -214,9 +219,17 @@ fn run(cli: Cli) -> Result<()> {
             });
             println!("{}", serde_json::to_string_pretty(&info)?);
         }
-        Cmd::Tokenize { model, text } => {
+        Cmd::Tokenize {
+            model,
+            text,
+            markup,
+        } => {
             let m = model.load()?;
-            let ids = m.tokenizer.encode(&text)?;
+            let ids = if markup {
+                m.tokenizer.encode_markup(&text)?
+            } else {
+                m.tokenizer.encode(&text)?
+            };
             let toks: Vec<String> = ids
                 .iter()
                 .map(|&i| m.tokenizer.id_to_token(i).unwrap_or_default())

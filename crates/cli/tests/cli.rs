@@ -60,14 +60,21 @@ fn generate_answers_with_the_default_model() {
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("Paris"), "{out}");
-    let (ok, out, err) = run(&["tokenize", "The embedding is <|embed_token|>"]);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let toks: Vec<&str> = v["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    assert_eq!(toks.last(), Some(&"<|embed_token|>"), "{toks:?}");
+    // As markup the embed token is one token; as text (documents, queries) its characters.
+    for (markup, last) in [(true, "<|embed_token|>"), (false, ">")] {
+        let mut args = vec!["tokenize", "The embedding is <|embed_token|>"];
+        if markup {
+            args.push("--markup");
+        }
+        let (ok, out, err) = run(&args);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let toks: Vec<&str> = v["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(toks.last(), Some(&last), "{toks:?}");
+    }
 }
