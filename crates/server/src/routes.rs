@@ -141,9 +141,10 @@ impl AppState {
     }
 
     /// Tokenizes texts as text only, on a blocking thread. A text over `--max-input-bytes` is
-    /// cut to it first when `cut` truncates (a byte prefix holds more than `cut.limit`
-    /// tokens whenever the text does, so the token cut that follows sees the same tokens), and
-    /// refused (413) otherwise, before any tokenizing.
+    /// cut to that many bytes first when `cut` truncates — at under 32 bytes per token (any
+    /// ordinary text) the kept bytes still hold more than `cut.limit` tokens, so the token cut
+    /// that follows keeps the tokens it would have kept from the whole text — and is refused
+    /// (413) otherwise, before any tokenizing.
     async fn tokenize_texts(
         self: &Arc<Self>,
         texts: Vec<String>,
