@@ -37,6 +37,7 @@ use super::select::{retrieval, select_thought, Retrieval};
 use crate::error::{invalid, Error, Result};
 use crate::losses::SftLossConfig;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::rl::env::{exact_index, ndcg_at_10};
 use crate::run::checkpoint::{self, ADAPTER, OPTIMIZER, REASON_CHECKPOINT};
 use crate::run::config::{finite, positive, LoraSection, RunConfig};
 use crate::run::data::{Cursor, Epochs, Stream};
@@ -46,7 +47,6 @@ use crate::run::{self, BestEval, Stop, TrainOptions};
 use crate::sft::{sft_gradients, SftBatch, SftExample};
 use candle_core::{Device, Tensor, Var};
 use search_r3_core::embedder::{think, ThoughtCloser};
-use search_r3_core::metrics::evaluate_query;
 use search_r3_index::mean_unit;
 use search_r3_model::files::write_atomic;
 use search_r3_model::state::{load_trainable, save_trainable};
@@ -998,25 +998,8 @@ impl Run<'_> {
         let greedy = self.thoughts(model, &qs, 1, 0.0, 0xe7a1)?;
         let k = cfg.thoughts;
         let sampled = self.thoughts(model, &qs, k, cfg.temperature, 0xe7a2)?;
-        let ndcg = |v: &[f32], gold: &[usize]| -> f64 {
-            let mut scored: Vec<(usize, f32)> = data
-                .docs
-                .iter()
-                .enumerate()
-                .map(|(j, d)| (j, search_r3_index::dot(v, d)))
-                .collect();
-            scored.sort_by(|a, b| b.1.total_cmp(&a.1));
-            scored.truncate(100);
-            let hits: Vec<(String, f64)> = scored
-                .iter()
-                .map(|(j, s)| (j.to_string(), *s as f64))
-                .collect();
-            let judged: HashMap<String, i32> = gold.iter().map(|g| (g.to_string(), 1)).collect();
-            evaluate_query(&judged, &hits)
-                .get("ndcg@10")
-                .copied()
-                .unwrap_or(0.0)
-        };
+        let index = exact_index(&data.docs)?;
+        let ndcg = |v: &[f32], gold: &[usize]| ndcg_at_10(&index, v, gold);
         let mut e = ReasonEval {
             direct: 0.0,
             greedy: 0.0,
@@ -1025,14 +1008,14 @@ impl Run<'_> {
             mean_tokens: 0.0,
         };
         for (i, q) in qs.iter().enumerate() {
-            e.direct += ndcg(&direct[i], &q.gold);
-            e.greedy += ndcg(&greedy[i].vector, &q.gold);
+            e.direct += ndcg(&direct[i], &q.gold)?;
+            e.greedy += ndcg(&greedy[i].vector, &q.gold)?;
             e.greedy_tokens += greedy[i].tokens.len() as f64;
             let mine = &sampled[i * k..(i + 1) * k];
             let mut parts: Vec<&[f32]> = mine.iter().map(|t| t.vector.as_slice()).collect();
             parts.push(&direct[i]);
             let avg = mean_unit(&parts).expect("parts of one width");
-            e.mean += ndcg(&avg, &q.gold);
+            e.mean += ndcg(&avg, &q.gold)?;
             e.mean_tokens += mine.iter().map(|t| t.tokens.len() as f64).sum::<f64>();
         }
         let n = qs.len().max(1) as f64;

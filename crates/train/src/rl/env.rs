@@ -492,6 +492,23 @@ pub fn exact_index(vectors: &[Vec<f32>]) -> Result<ExactIndex> {
     Ok(exact)
 }
 
+/// trec_eval's nDCG@10 of unit vector `v` against `index` (key = row), the rows `gold` relevant:
+/// what every held-out evaluation of the training stages reports.
+pub fn ndcg_at_10(index: &ExactIndex, v: &[f32], gold: &[usize]) -> Result<f64> {
+    let hits: Vec<(String, f64)> = index
+        .search(v, 10)
+        .map_err(index_err)?
+        .into_iter()
+        .map(|h| (h.key.to_string(), h.score as f64))
+        .collect();
+    let judged: std::collections::HashMap<String, i32> =
+        gold.iter().map(|d| (d.to_string(), 1)).collect();
+    Ok(search_r3_core::metrics::evaluate_query(&judged, &hits)
+        .get("ndcg@10")
+        .copied()
+        .unwrap_or(0.0))
+}
+
 /// The DCG reward of a probe query against an exact index.
 pub fn exact_reward(index: &ExactIndex, q: &ProbeQuery, top_k: usize) -> Result<f64> {
     let ranking: Vec<usize> = index

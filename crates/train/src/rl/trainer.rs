@@ -23,7 +23,7 @@
 //! * `best.safetensors`, `final.safetensors`, `adapter.safetensors` (the best-eval state),
 //!   `manifest.json`, `curves.png`.
 
-use super::env::{exact_index, exact_reward, ProbeQuery, RefreshPolicy, RetrievalEnv};
+use super::env::{exact_index, exact_reward, ndcg_at_10, ProbeQuery, RefreshPolicy, RetrievalEnv};
 use super::step::{
     reasoning_len, rl_gradients, rollout, think_all, touched_documents, RlQuery, RlStats,
     RlStepConfig, Rollout,
@@ -39,8 +39,7 @@ use crate::run::log::{MetricsLog, Pace};
 use crate::run::{self, BestEval, Stop, TrainOptions};
 use candle_core::Var;
 use search_r3_core::embedder::ThoughtCloser;
-use search_r3_core::metrics::evaluate_query;
-use search_r3_index::{IndexKind, VectorIndex};
+use search_r3_index::IndexKind;
 use search_r3_model::state::{load_trainable, save_trainable};
 use search_r3_model::{GenerationConfig, Lora, Model, TextTokenizer};
 use serde::{Deserialize, Serialize};
@@ -308,17 +307,7 @@ pub fn evaluate_reasoning(
                 gold: q.gold.clone(),
             };
             let reward = exact_reward(&index, &probe, top_k)?;
-            let hits: Vec<(String, f64)> = index
-                .search(&probe.embedding, top_k.max(10))
-                .map_err(|e| Error::Invalid(format!("index: {e}")))?
-                .into_iter()
-                .map(|h| (h.key.to_string(), h.score as f64))
-                .collect();
-            let judged: HashMap<String, i32> = q.gold.iter().map(|d| (d.to_string(), 1)).collect();
-            let ndcg = evaluate_query(&judged, &hits)
-                .get("ndcg@10")
-                .copied()
-                .unwrap_or(0.0);
+            let ndcg = ndcg_at_10(&index, &probe.embedding, &q.gold)?;
             for (s, v) in sums.iter_mut().zip([
                 ndcg,
                 reward,
