@@ -211,29 +211,57 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>, emb: &Embedder, limits: &Limits, m: &
         if matches!(first.task, Task::Stop) {
             return;
         }
-        let mut batch = vec![first];
-        if limits.batching {
-            let max_requests = match batch[0].task {
-                Task::Reason { .. } => limits.max_batch_requests.min(emb.reason_batch.max(1)),
-                _ => limits.max_batch_requests,
-            };
-            let mut tokens = batch[0].tokens;
-            let mut rx = rx.lock().expect("not poisoned");
-            while batch.len() < max_requests {
-                let Ok(j) = rx.try_recv() else { break };
-                if !same_kind(&batch[0].task, &j.task)
-                    || tokens + j.tokens > limits.max_batch_tokens
-                {
-                    carry = Some(j);
-                    break;
-                }
-                m.queue_depth.dec();
-                tokens += j.tokens;
-                batch.push(j);
-            }
-        }
+        let max_requests = match first.task {
+            Task::Reason { .. } => limits.max_batch_requests.min(emb.reason_batch.max(1)),
+            _ => limits.max_batch_requests,
+        };
+        let batch = if limits.batching {
+            gather(
+                first,
+                rx,
+                max_requests,
+                limits.max_batch_tokens,
+                m,
+                &mut carry,
+            )
+        } else {
+            vec![first]
+        };
         run_batch(batch, emb, m);
     }
+}
+
+/// `first` and the queued jobs right behind it of the same kind, within `max_requests` and
+/// `max_tokens`; the first job that does not fit goes to `carry`.
+fn gather(
+    first: Job,
+    rx: &Mutex<mpsc::Receiver<Job>>,
+    max_requests: usize,
+    max_tokens: usize,
+    m: &Metrics,
+    carry: &mut Option<Job>,
+) -> Vec<Job> {
+    // Never wait for the lock here: another worker may hold it while it blocks for the next
+    // job, and would hold it until one arrives — this batch would wait with it. A worker
+    // holding the lock found the queue empty, so there is nothing to batch anyway.
+    let mut rx = match rx.try_lock() {
+        Ok(g) => g,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return vec![first],
+    };
+    let mut tokens = first.tokens;
+    let mut batch = vec![first];
+    while batch.len() < max_requests {
+        let Ok(j) = rx.try_recv() else { break };
+        if !same_kind(&batch[0].task, &j.task) || tokens + j.tokens > max_tokens {
+            *carry = Some(j);
+            break;
+        }
+        m.queue_depth.dec();
+        tokens += j.tokens;
+        batch.push(j);
+    }
+    batch
 }
 
 fn reply_closed(j: &Job) -> bool {
@@ -377,6 +405,46 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
 mod tests {
     use super::*;
     use search_r3_core::load::{load_embedder, EmbedderOptions};
+
+    fn job(tokens: usize) -> Job {
+        let (reply, _) = oneshot::channel();
+        Job {
+            task: Task::Embed {
+                side: Side::Document,
+                prompts: vec![vec![1; tokens]],
+                normalize: true,
+                reply,
+            },
+            enqueued: Instant::now(),
+            tokens,
+        }
+    }
+
+    #[test]
+    fn a_worker_never_waits_for_the_lock_another_holds_while_idle() {
+        let (tx, rx) = mpsc::channel(8);
+        let rx = Arc::new(Mutex::new(rx));
+        // Another worker blocked for its next job holds the lock until one arrives.
+        let held = rx.lock().unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let rx2 = rx.clone();
+        std::thread::spawn(move || {
+            let mut carry = None;
+            let batch = gather(job(4), &rx2, 8, 1024, &Metrics::new(), &mut carry);
+            let _ = done_tx.send(batch.len());
+        });
+        let n = done_rx.recv_timeout(std::time::Duration::from_secs(10));
+        drop(held);
+        assert_eq!(n, Ok(1), "the batch waited for the lock");
+        // With the lock free, queued jobs of the same kind join within the limits.
+        for t in [4, 4, 2000] {
+            tx.try_send(job(t)).map_err(|_| ()).unwrap();
+        }
+        let mut carry = None;
+        let batch = gather(job(4), &rx, 8, 1024, &Metrics::new(), &mut carry);
+        assert_eq!(batch.len(), 3);
+        assert_eq!(carry.map(|j| j.tokens), Some(2000));
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stopped_queue_answers_503() {
