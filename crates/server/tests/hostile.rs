@@ -265,15 +265,6 @@ async fn long_texts_are_bounded_before_tokenizing() {
     s.stop().await;
 }
 
-async fn metric(s: &Running, name: &str) -> f64 {
-    let (_, m) = s.get("/metrics").await;
-    m.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_departed_clients_batch_stops_and_the_next_request_is_served() {
     if !model_available() {

@@ -173,12 +173,17 @@ pub fn doc_json() -> Value {
 
 /// Jobs the model workers have taken from the queue so far (each is timed once).
 pub async fn taken_before(s: &Running) -> usize {
+    metric(s, "search_r3_queue_duration_seconds_count").await as usize
+}
+
+/// The value of the first `/metrics` sample named `name` (0 when absent).
+pub async fn metric(s: &Running, name: &str) -> f64 {
     let (_, m) = s.get("/metrics").await;
     m.lines()
-        .find(|l| l.starts_with("search_r3_queue_duration_seconds_count"))
+        .find(|l| l.starts_with(name))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0.0)
 }
 
 /// Polls `/metrics` until `n` jobs have been taken by a worker.
