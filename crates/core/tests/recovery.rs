@@ -5,8 +5,8 @@
 use search_r3_core::corpus::Document;
 use search_r3_core::load::{load_embedder, EmbedderOptions};
 use search_r3_core::searcher::Searcher;
-use search_r3_index::{HnswParams, IndexKind, VectorIndex};
-use std::path::{Path, PathBuf};
+use search_r3_index::{crash_between_renames, HnswParams, IndexKind, VectorIndex};
+use std::path::Path;
 
 /// The real model is cached here or fetched in CI; elsewhere the case is skipped.
 fn model_available() -> bool {
@@ -43,23 +43,6 @@ fn axis(dim: usize, i: usize) -> Vec<f32> {
     let mut v = vec![0.0; dim];
     v[i] = 1.0;
     v
-}
-
-/// The state a crash between the two renames of the non-`renameat2` save leaves: the index
-/// renamed away as `.NAME.old-<24-digit nanoseconds>-<pid>` (the index crate's naming) and
-/// nothing at `dir`.
-fn crash_between_renames(dir: &Path) -> PathBuf {
-    let name = dir.file_name().unwrap().to_str().unwrap();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let old = dir
-        .parent()
-        .unwrap()
-        .join(format!(".{name}.old-{nanos:024}-{}", std::process::id()));
-    std::fs::rename(dir, &old).unwrap();
-    old
 }
 
 fn ids(s: &Searcher) -> Vec<String> {

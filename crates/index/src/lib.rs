@@ -37,9 +37,9 @@ pub use exact::ExactIndex;
 pub use hnsw::{HnswIndex, HnswParams};
 pub use kernels::{dot, l2_normalize, mean_unit, normalize};
 pub use persist::{
-    check_compatible, check_save_target, load_index, load_index_with_files, read_meta,
-    recover_index, save_index, save_index_failing_at, save_index_with_files, FailPoint, IndexKind,
-    IndexMeta, IndexRef, Persistable, FORMAT_VERSION,
+    check_compatible, check_save_target, crash_between_renames, load_index, load_index_with_files,
+    read_meta, recover_index, save_index, save_index_failing_at, save_index_with_files, FailPoint,
+    IndexKind, IndexMeta, IndexRef, Persistable, FORMAT_VERSION,
 };
 
 /// Key of a document inside an index.

@@ -1000,3 +1000,25 @@ pub fn check_compatible(meta: &IndexMeta, expected: &Map<String, Value>) -> Resu
         Err(IndexError::Incompatible { differences })
     }
 }
+
+/// For tests of crash recovery: leaves `dir` as a crash between the two renames of the
+/// non-`renameat2` save does — the index renamed away to `.NAME.old-<24-digit
+/// nanoseconds>-<pid>` (the save's naming, written out here so a change to it fails those
+/// tests) and nothing at `dir`. Returns the copy's path.
+#[doc(hidden)]
+pub fn crash_between_renames(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a named directory");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_nanos();
+    let old = dir
+        .parent()
+        .expect("a directory with a parent")
+        .join(format!(".{name}.old-{nanos:024}-{}", std::process::id()));
+    fs::rename(dir, &old).expect("renaming the index away");
+    old
+}

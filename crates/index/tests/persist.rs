@@ -4,10 +4,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use search_r3_index::{
-    check_compatible, check_save_target, load_index, load_index_with_files, random_unit_vectors,
-    read_meta, recover_index, save_index, save_index_failing_at, save_index_with_files, AnyIndex,
-    ExactIndex, FailPoint, HnswIndex, HnswParams, IndexError, IndexKind, IndexMeta, VectorIndex,
-    FORMAT_VERSION,
+    check_compatible, check_save_target, crash_between_renames, load_index, load_index_with_files,
+    random_unit_vectors, read_meta, recover_index, save_index, save_index_failing_at,
+    save_index_with_files, AnyIndex, ExactIndex, FailPoint, HnswIndex, HnswParams, IndexError,
+    IndexKind, IndexMeta, VectorIndex, FORMAT_VERSION,
 };
 use serde_json::{json, Map, Value};
 
@@ -388,23 +388,6 @@ fn caller_files_travel_with_the_index() {
     }
     let twice = [("a.txt", b"1".to_vec()), ("a.txt", b"2".to_vec())];
     assert!(save_index_with_files(&dir, &h, &meta, &twice).is_err());
-}
-
-/// What a crash between the two renames of the non-`renameat2` swap leaves: the index renamed
-/// away to `.NAME.old-<24-digit nanoseconds>-<pid>` (persist.rs's `Names::unique`) and nothing
-/// at `dir`. Made by hand so the state is the same on every platform.
-fn crash_between_renames(dir: &Path) -> PathBuf {
-    let name = dir.file_name().unwrap().to_str().unwrap();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let old = dir
-        .parent()
-        .unwrap()
-        .join(format!(".{name}.old-{nanos:024}-{}", std::process::id()));
-    fs::rename(dir, &old).unwrap();
-    old
 }
 
 fn debris(tmp: &Path, name: &str) -> Vec<String> {
