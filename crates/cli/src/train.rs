@@ -703,10 +703,15 @@ fn reason(a: &ReasonArgs) -> Result<()> {
             ),
         ],
     )?;
-    let teacher_model = match (&a.teacher, &cfg.teacher) {
-        (Some(spec), Some(tc)) => {
-            let lm = search_r3_model::load_model(spec, &search_r3_model::LoadOptions::default())
-                .with_context(|| format!("loading the teacher `{spec}`"))?;
+    let teacher_model = match &a.teacher {
+        Some(spec) => Some(
+            search_r3_model::load_model(spec, &search_r3_model::LoadOptions::default())
+                .with_context(|| format!("loading the teacher `{spec}`"))?,
+        ),
+        None => None,
+    };
+    let teacher = match (&teacher_model, &cfg.teacher) {
+        (Some(lm), Some(tc)) => {
             let parts =
                 search_r3_core::templates::prompt_parts(&lm.tokenizer, &tc.system, &tc.user, "")?;
             // Aligned with `data.queries`: the held-out queries come first in `triples`.
@@ -719,16 +724,15 @@ fn reason(a: &ReasonArgs) -> Result<()> {
             let size = std::fs::metadata(&lm.path).map(|m| m.len()).unwrap_or(0);
             let id = format!("{} {} ({size} bytes)", lm.id, lm.path.display());
             eprintln!("teacher: {id}");
-            Some((lm, prompts, id))
+            Some(Teacher {
+                model: &lm.model,
+                tok: &lm.tokenizer,
+                prompts,
+                id,
+            })
         }
         _ => None,
     };
-    let teacher = teacher_model.as_ref().map(|(lm, prompts, id)| Teacher {
-        model: &lm.model,
-        tok: &lm.tokenizer,
-        prompts: prompts.clone(),
-        id: id.clone(),
-    });
     let tok = embedder.model.tokenizer.clone();
     let closer = embedder.closer().clone();
     let summary = train_reason(

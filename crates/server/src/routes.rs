@@ -140,19 +140,16 @@ impl AppState {
         }
     }
 
-    /// Tokenizes texts as text only, on a blocking thread. A text over `--max-input-bytes` is
-    /// cut to that many bytes first when `cut` truncates — at under 32 bytes per token (any
-    /// ordinary text) the kept bytes still hold more than `cut.limit` tokens, so the token cut
-    /// that follows keeps the tokens it would have kept from the whole text — and is refused
-    /// (413) otherwise, before any tokenizing.
-    async fn tokenize_texts(
-        self: &Arc<Self>,
+    /// Applies `--max-input-bytes`: a longer text is cut to the bound when `cut` truncates
+    /// (see [`AppState::tokenize_texts`]), else refused (413).
+    fn within_bytes(
+        &self,
         texts: Vec<String>,
         cut: Option<Cut>,
-        field: &'static str,
-    ) -> Result<Vec<Vec<u32>>, ApiError> {
+        field: &str,
+    ) -> Result<Vec<String>, ApiError> {
         let bound = self.max_input_bytes;
-        let texts = texts
+        texts
             .into_iter()
             .enumerate()
             .map(|(i, t)| match cut {
@@ -169,7 +166,21 @@ impl AppState {
                     }
                 ))),
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect()
+    }
+
+    /// Tokenizes texts as text only, on a blocking thread. A text over `--max-input-bytes` is
+    /// cut to that many bytes first when `cut` truncates — at under 32 bytes per token (any
+    /// ordinary text) the kept bytes still hold more than `cut.limit` tokens, so the token cut
+    /// that follows keeps the tokens it would have kept from the whole text — and is refused
+    /// (413) otherwise, before any tokenizing.
+    async fn tokenize_texts(
+        self: &Arc<Self>,
+        texts: Vec<String>,
+        cut: Option<Cut>,
+        field: &'static str,
+    ) -> Result<Vec<Vec<u32>>, ApiError> {
+        let texts = self.within_bytes(texts, cut, field)?;
         let state = self.clone();
         blocking(move || {
             texts
@@ -613,13 +624,7 @@ pub(crate) async fn tokenize(
     let texts = req.inputs.into_vec();
     s.check_batch(texts.len(), "inputs")?;
     // The same bounds as embedding: a text too long to embed is too long to tokenize.
-    let bound = s.max_input_bytes;
-    if let Some(i) = texts.iter().position(|t| t.len() > bound) {
-        return Err(ApiError::too_large(format!(
-            "`inputs[{i}]` is {} bytes, more than the limit of {bound} (--max-input-bytes)",
-            texts[i].len()
-        )));
-    }
+    let texts = s.within_bytes(texts, None, "inputs")?;
     let state = s.0.clone();
     let special = req.add_special_tokens.unwrap_or(true);
     blocking(move || tokens_of(&state, &texts, special))
