@@ -783,15 +783,17 @@ impl Run<'_> {
         )?;
         let direct = self.direct(model, &qs)?;
         let k = cfg.thoughts;
-        let mut per_query: Vec<Vec<Candidate>> = thoughts
-            .chunks(k)
-            .map(|mine| {
-                mine.iter()
+        let mut thoughts = thoughts.into_iter();
+        let mut per_query: Vec<Vec<Candidate>> = (0..qs.len())
+            .map(|_| {
+                thoughts
+                    .by_ref()
+                    .take(k)
                     .map(|t| Candidate {
-                        text: t.text.clone(),
-                        sequence: t.sequence.clone(),
-                        vector: t.vector.clone(),
                         tokens: t.tokens.len(),
+                        text: t.text,
+                        sequence: t.sequence,
+                        vector: t.vector,
                         forced: t.forced,
                         teacher: false,
                     })
