@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates bench/.venv (git-ignored) with PyTorch + transformers + gguf + peft from PyPI, for
-# bench/torch_bench.py (the PyTorch side of the speed comparison).
+# Creates bench/.venv (git-ignored) with PyTorch + transformers + gguf + peft +
+# sentence-transformers from PyPI, for bench/torch_bench.py (the PyTorch side of the speed
+# comparison) and the sentence-transformers export test (crates/cli/tests/export.rs).
 #
 # PyPI has no CPU-only torch wheel for Linux x86_64 (the +cpu builds live on PyTorch's own index,
 # which is not reachable here), and the PyPI wheel does not import without its CUDA libraries
@@ -19,19 +20,22 @@ TORCH=2.15.0
 TRANSFORMERS=5.24.0
 GGUF=0.19.0
 PEFT=0.21.2
+SENTENCE_TRANSFORMERS=6.2.0
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q "torch==$TORCH" "transformers==$TRANSFORMERS" "gguf==$GGUF" "peft==$PEFT"
+"$VENV/bin/pip" install -q "torch==$TORCH" "transformers==$TRANSFORMERS" "gguf==$GGUF" "peft==$PEFT" \
+    "sentence-transformers==$SENTENCE_TRANSFORMERS"
 
 "$VENV/bin/python" - <<'EOF'
-import torch, transformers, peft, accelerate, importlib.metadata as md
+import torch, transformers, peft, accelerate, sentence_transformers, importlib.metadata as md
 print("python", __import__("sys").version.split()[0])
 print("torch", torch.__version__, "| cpu capability", torch.backends.cpu.get_cpu_capability(),
       "| threads", torch.get_num_threads())
 print("transformers", transformers.__version__, "| gguf", md.version("gguf"),
       "| peft", peft.__version__, "| accelerate", accelerate.__version__,
-      "| tokenizers", md.version("tokenizers"), "| numpy", md.version("numpy"))
+      "| tokenizers", md.version("tokenizers"), "| numpy", md.version("numpy"),
+      "| sentence-transformers", sentence_transformers.__version__)
 EOF

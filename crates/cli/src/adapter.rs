@@ -1,9 +1,11 @@
 //! `search-r3 adapter merge`: folds a trained adapter (LoRA + `<|embed_token|>` row) into its
 //! base model and writes a standalone HF checkpoint, usable as `--model DIR` here and loadable
-//! by transformers.
+//! by transformers — or, with `--format sentence-transformers`, a directory that
+//! `SentenceTransformer(path)` loads and that embeds as we do
+//! ([`search_r3_core::export`]).
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use search_r3_core::load::{load_embedder, EmbedderOptions};
 use std::path::PathBuf;
 
@@ -31,6 +33,24 @@ pub(crate) struct MergeArgs {
     /// Template file the adapter was trained with, when not the built-in one.
     #[arg(long)]
     templates: Option<PathBuf>,
+    /// `hf`: a transformers checkpoint (also `--model DIR` here). `sentence-transformers`: the
+    /// same plus the prompt in the tokenizer, last-token pooling and normalisation, so
+    /// `SentenceTransformer(DIR).encode` gives our vectors.
+    #[arg(long, value_enum, default_value_t = Format::Hf)]
+    format: Format,
+    /// Longest document text in tokens for the sentence-transformers export (the rest is cut,
+    /// as `search-r3 index --max-doc-tokens` does).
+    #[arg(long)]
+    max_doc_tokens: Option<usize>,
+}
+
+/// What `adapter merge` writes.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// A Hugging Face transformers checkpoint.
+    Hf,
+    /// A sentence-transformers model directory.
+    SentenceTransformers,
 }
 
 pub(crate) fn run(cmd: &AdapterCmd) -> Result<()> {
@@ -46,12 +66,12 @@ fn merge(a: &MergeArgs) -> Result<()> {
         &EmbedderOptions {
             adapter: Some(a.adapter.clone()),
             templates: a.templates.clone(),
-            max_doc_tokens: None,
+            max_doc_tokens: a.max_doc_tokens,
             reason_mode: None,
         },
     )
     .with_context(|| format!("loading `{}` with adapter {}", a.model, a.adapter.display()))?;
-    if embedder.query_tower.is_some() {
+    if embedder.query_tower.is_some() && a.format == Format::Hf {
         bail!(
             "{} has a query tower ({}): queries and documents run through different weights, \
              which one merged model cannot hold; serve the adapter directory instead",
@@ -66,21 +86,34 @@ fn merge(a: &MergeArgs) -> Result<()> {
         "adapter_sha256": identity.adapter,
         "templates_hash": identity.template_hash,
     });
-    search_r3_model::merge::save_hf_dir(
-        &embedder.model.model,
-        &embedder.model.tokenizer,
-        &a.out,
-        &extra,
-    )
-    .with_context(|| format!("writing the merged model to {}", a.out.display()))?;
+    let written = match a.format {
+        Format::Hf => search_r3_model::merge::save_hf_dir(
+            &embedder.model.model,
+            &embedder.model.tokenizer,
+            &a.out,
+            &extra,
+        )
+        .map_err(anyhow::Error::from),
+        Format::SentenceTransformers => {
+            search_r3_core::export::save_sentence_transformers(&embedder, &a.out, &extra)
+                .map_err(anyhow::Error::from)
+        }
+    };
+    written.with_context(|| format!("writing the merged model to {}", a.out.display()))?;
     let bytes = std::fs::metadata(a.out.join("model.safetensors"))
         .map(|m| m.len())
         .unwrap_or(0);
+    let usage = match a.format {
+        Format::Hf => format!("use it as `--model {}` (no --adapter)", a.out.display()),
+        Format::SentenceTransformers => format!(
+            "load it with `SentenceTransformer(\"{}\")`; queries: `encode(q, prompt_name=\"query\")`",
+            a.out.display()
+        ),
+    };
     println!(
-        "wrote {} ({:.0} MB of weights); use it as `--model {}` (no --adapter)",
+        "wrote {} ({:.0} MB of weights); {usage}",
         a.out.display(),
         bytes as f64 / 1e6,
-        a.out.display()
     );
     Ok(())
 }

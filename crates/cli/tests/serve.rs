@@ -95,21 +95,38 @@ impl Drop for Served {
     }
 }
 
-/// Whether the `openai` package can be imported: always required in CI (.ci/run installs it).
-fn openai_available() -> bool {
+/// Whether the Python package `module` can be imported: always required in CI (.ci/run
+/// installs the client packages these tests drive).
+fn python_has(module: &str) -> bool {
     let ok = Command::new("python3")
-        .args(["-c", "import openai"])
+        .args(["-c", &format!("import {module}")])
         .status()
         .is_ok_and(|s| s.success());
     if !ok && std::env::var_os("CI").is_none() {
-        eprintln!("SKIP: the openai Python package is not installed");
+        eprintln!("SKIP: the {module} Python package is not installed");
         return false;
     }
     true
 }
 
+/// Runs `tests/{script}` against the server; its output when it succeeds.
+fn client_check(script: &str, s: &Served, key: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join(script);
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([&s.base, key])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{} failed:\n{text}", script.display());
+    text
+}
+
 #[test]
-fn openai_client_sigterm_and_restart() {
+fn python_clients_sigterm_and_restart() {
     if !common::model_available("smollm2") {
         return;
     }
@@ -118,20 +135,18 @@ fn openai_client_sigterm_and_restart() {
     let idx_s = idx.to_str().unwrap();
     let s = serve(&["--index", idx_s, "--api-key", "k1"]);
 
-    if openai_available() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_compat.py");
-        let out = Command::new("python3")
-            .arg(&script)
-            .args([&s.base, "k1"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "openai client check failed:\n{text}");
+    if python_has("openai") {
+        let text = client_check("openai_compat.py", &s, "k1");
         assert!(
             text.contains("format default (base64): 3 vectors equal to /embed"),
             "{text}"
         );
+    }
+    // Hugging Face's TEI client, pointed at the server as at a TEI endpoint.
+    if python_has("huggingface_hub") {
+        let text = client_check("tei_compat.py", &s, "k1");
+        assert!(text.contains("sentence_similarity: 3 cosines"), "{text}");
+        assert!(text.contains("wrong key: 401"), "{text}");
     }
 
     let docs = json!({"documents": [

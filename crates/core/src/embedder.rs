@@ -12,6 +12,7 @@
 //! documents through the document model, and indexes built with the document model stay valid.
 
 use crate::templates::{prompt_parts, PromptParts, TemplateError, Templates};
+use candle_core::Tensor;
 use search_r3_index::{l2_normalize, mean_unit};
 use search_r3_model::{
     generate, Batch, Cancel, GenerationConfig, LoadedModel, Model, Path, StopReason,
@@ -204,8 +205,8 @@ pub struct Embedder {
     pub batch_tokens: usize,
     /// Queries generated together in reasoning mode (each holds a KV cache while it runs).
     pub reason_batch: usize,
-    doc: PromptParts,
-    query: PromptParts,
+    pub(crate) doc: PromptParts,
+    pub(crate) query: PromptParts,
     reason: PromptParts,
     closer: ThoughtCloser,
     embed_id: u32,
@@ -468,6 +469,24 @@ impl Embedder {
         )
     }
 
+    /// The final-norm hidden state of every token of each prompt (unnormalised), through the
+    /// model of `side`: TEI's `/embed_all`. Prompts are whole prompts (template included), as
+    /// for [`Embedder::embed_prompts_raw`].
+    pub fn token_states(
+        &self,
+        side: Side,
+        prompts: &[Vec<u32>],
+        cancel: Cancel,
+    ) -> Result<Vec<Vec<Vec<f32>>>, EmbedError> {
+        token_states(
+            self.model_for(side),
+            prompts,
+            self.model.tokenizer.pad_id,
+            self.batch_tokens,
+            cancel,
+        )
+    }
+
     /// Embeds document texts; returns the vectors and how many were truncated.
     pub fn embed_documents(&self, texts: &[&str]) -> Result<(Vec<Vec<f32>>, usize), EmbedError> {
         let prompts: Vec<DocPrompt> = texts
@@ -709,20 +728,51 @@ pub fn embed_at_token(
     budget: usize,
     cancel: Cancel,
 ) -> Result<Vec<Vec<f32>>, EmbedError> {
+    final_states(model, prompts, pad_id, budget, cancel, |h| {
+        let last = h.narrow(0, h.dim(0)? - 1, 1)?.squeeze(0)?;
+        Ok(last.to_dtype(candle_core::DType::F32)?.to_vec1()?)
+    })
+}
+
+/// The final-norm hidden state of every token of each prompt (`[len][dim]`, unnormalised), as
+/// [`embed_at_token`] computes them: TEI's `/embed_all`, sentence-transformers'
+/// `token_embeddings`. The last row of a prompt is its embedding.
+pub fn token_states(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    budget: usize,
+    cancel: Cancel,
+) -> Result<Vec<Vec<Vec<f32>>>, EmbedError> {
+    final_states(model, prompts, pad_id, budget, cancel, |h| {
+        Ok(h.to_dtype(candle_core::DType::F32)?.to_vec2()?)
+    })
+}
+
+/// Runs `prompts` through `model` in left-padded batches (see [`embed_at_token`]) and hands
+/// `take` each prompt's own final hidden states (`[len, dim]`, padding cut off).
+fn final_states<T: Default + Clone>(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    budget: usize,
+    cancel: Cancel,
+    take: impl Fn(&Tensor) -> Result<T, EmbedError>,
+) -> Result<Vec<T>, EmbedError> {
     if prompts.iter().any(Vec::is_empty) {
         return Err(search_r3_model::Error::Invalid("embed_at_token: empty prompt".into()).into());
     }
     let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    let mut out = vec![Vec::new(); prompts.len()];
+    let mut out = vec![T::default(); prompts.len()];
     for rows in crate::encode::plan_batches(&lengths, budget.max(1)) {
         let batch: Vec<Vec<u32>> = rows.iter().map(|&i| prompts[i].clone()).collect();
         let batch = Batch::left_padded(&batch, pad_id)?;
         cancel.check()?;
-        let h = model.forward(&batch, Path::Fast, None)?;
-        let last = h.narrow(1, batch.t - 1, 1)?.squeeze(1)?; // [b, d]
-        let vecs: Vec<Vec<f32>> = last.to_dtype(candle_core::DType::F32)?.to_vec2()?;
-        for (i, v) in rows.into_iter().zip(vecs) {
-            out[i] = v;
+        let h = model.forward(&batch, Path::Fast, None)?; // [b, t, d]
+        for (b, i) in rows.into_iter().enumerate() {
+            // Left padding: the prompt is the last `lengths[i]` positions of its row.
+            let own = h.get(b)?.narrow(0, batch.t - lengths[i], lengths[i])?;
+            out[i] = take(&own)?;
         }
     }
     Ok(out)

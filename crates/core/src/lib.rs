@@ -17,6 +17,7 @@ pub mod corpus;
 pub mod dataset;
 pub mod embedder;
 pub mod encode;
+pub mod export;
 pub mod load;
 pub mod metrics;
 pub mod searcher;

@@ -93,6 +93,16 @@ pub(crate) enum PromptName {
     Query,
 }
 
+impl PromptName {
+    /// The side of the model whose prompt this is.
+    pub fn side(self) -> search_r3_core::embedder::Side {
+        match self {
+            PromptName::Document => search_r3_core::embedder::Side::Document,
+            PromptName::Query => search_r3_core::embedder::Side::Query,
+        }
+    }
+}
+
 /// Which end of an over-long input is cut (TEI's `truncation_direction`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 pub(crate) enum TruncationDirection {
@@ -108,11 +118,11 @@ pub(crate) enum TruncationDirection {
 // Optional fields are `Option`s so an explicit `null` means "the default", as clients that
 // serialise every field send it.
 
-/// `POST /embed` (TEI).
+/// `POST /embed` (TEI; also `POST /`).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub(crate) struct EmbedRequest {
-    /// Text(s) to embed.
-    pub inputs: Inputs,
+    /// Text(s) or token ids to embed.
+    pub inputs: Input,
     /// L2-normalise the vectors (default true).
     #[serde(default)]
     pub normalize: Option<bool>,
@@ -126,38 +136,90 @@ pub(crate) struct EmbedRequest {
     /// `document` (default) or `query`.
     #[serde(default)]
     pub prompt_name: Option<PromptName>,
+    /// Must equal the model's width when given (the vectors cannot be shortened).
+    #[serde(default)]
+    pub dimensions: Option<usize>,
 }
 
-/// OpenAI `input`: text(s) or token ids of text(s).
+/// `POST /embed_all` (TEI): the final hidden state of every token of each input's prompt.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(untagged, try_from = "Value")]
-pub(crate) enum OpenAiInput {
-    /// A single text.
-    One(String),
-    /// Several texts.
-    Many(Vec<String>),
-    /// The token ids of one text.
-    Tokens(Vec<u32>),
-    /// The token ids of several texts.
-    ManyTokens(Vec<Vec<u32>>),
+pub(crate) struct EmbedAllRequest {
+    /// Text(s) or token ids.
+    pub inputs: Input,
+    /// Cut inputs longer than the token limit instead of answering 413.
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    /// `Right` (default: keep the start) or `Left`.
+    #[serde(default)]
+    pub truncation_direction: Option<TruncationDirection>,
+    /// `document` (default) or `query`.
+    #[serde(default)]
+    pub prompt_name: Option<PromptName>,
 }
 
-impl TryFrom<Value> for OpenAiInput {
+/// The sentences of `POST /similarity`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub(crate) struct SimilarityInput {
+    /// The sentence the others are compared with.
+    pub source_sentence: String,
+    /// The sentences to compare with it.
+    pub sentences: Vec<String>,
+}
+
+/// Options of `POST /similarity`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub(crate) struct SimilarityParameters {
+    /// `document` (default) or `query`: the prompt every sentence is embedded with.
+    #[serde(default)]
+    pub prompt_name: Option<PromptName>,
+    /// Cut sentences longer than the token limit instead of answering 413.
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    /// `Right` (default: keep the start) or `Left`.
+    #[serde(default)]
+    pub truncation_direction: Option<TruncationDirection>,
+}
+
+/// `POST /similarity` (TEI; also `POST /` when `inputs` is an object, as Hugging Face's
+/// `sentence_similarity` clients send it).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub(crate) struct SimilarityRequest {
+    /// The source sentence and the sentences to compare with it.
+    pub inputs: SimilarityInput,
+    /// Options.
+    #[serde(default)]
+    pub parameters: Option<SimilarityParameters>,
+}
+
+/// `POST /decode` (TEI).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub(crate) struct DecodeRequest {
+    /// Token ids of one text, or a list of them.
+    pub ids: InputIds,
+    /// Leave special tokens out of the text (default true).
+    #[serde(default)]
+    pub skip_special_tokens: Option<bool>,
+}
+
+/// One list of token ids or several.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(try_from = "Value")]
+pub(crate) struct InputIds(
+    /// The id lists, in request order.
+    pub Vec<Vec<u32>>,
+);
+
+impl TryFrom<Value> for InputIds {
     type Error = String;
 
     fn try_from(v: Value) -> Result<Self, String> {
-        const WANT: &str =
-            "a string, a list of strings, a list of token ids or a list of lists of \
-                            token ids";
-        let items = match v {
-            Value::String(s) => return Ok(OpenAiInput::One(s)),
-            Value::Array(items) => items,
-            other => return Err(format!("expected {WANT}, got {}", kind(&other))),
+        let Value::Array(items) = v else {
+            return Err(format!(
+                "expected a list of token ids or a list of lists of token ids, got {}",
+                kind(&v)
+            ));
         };
-        // The first item decides which list it is; every other item must agree.
         match items.first() {
-            None | Some(Value::String(_)) => strings(items).map(OpenAiInput::Many),
-            Some(Value::Number(_)) => token_ids(&items, "").map(OpenAiInput::Tokens),
             Some(Value::Array(_)) => items
                 .iter()
                 .enumerate()
@@ -169,11 +231,73 @@ impl TryFrom<Value> for OpenAiInput {
                     )),
                 })
                 .collect::<Result<_, _>>()
-                .map(OpenAiInput::ManyTokens),
-            Some(other) => Err(format!("expected {WANT}, got a list of {}s", {
-                let k = kind(other);
-                k.trim_start_matches("a ").trim_start_matches("an ")
-            })),
+                .map(InputIds),
+            _ => token_ids(&items, "").map(|ids| InputIds(vec![ids])),
+        }
+    }
+}
+
+/// One input of an embedding request: a text, or the token ids of a text (as `/tokenize`
+/// returns them; the prompt is put around them as around a text).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub(crate) enum InputItem {
+    /// A text.
+    Text(String),
+    /// The token ids of a text.
+    Ids(Vec<u32>),
+}
+
+/// TEI's `inputs` and OpenAI's `input`: a text, a list of token ids (one input), or a list
+/// whose items are texts or lists of token ids.
+// Deserialized through `TryFrom<Value>` so a wrong type is named; `untagged` describes the
+// schema (TEI's `Input`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged, try_from = "Value")]
+pub(crate) enum Input {
+    /// One input.
+    One(InputItem),
+    /// Several inputs, answered in order.
+    Many(Vec<InputItem>),
+}
+
+impl TryFrom<Value> for Input {
+    type Error = String;
+
+    fn try_from(v: Value) -> Result<Self, String> {
+        const WANT: &str = "a string, a list of token ids, or a list of strings and lists of \
+                            token ids";
+        let items = match v {
+            Value::String(s) => return Ok(Input::One(InputItem::Text(s))),
+            Value::Array(items) => items,
+            other => return Err(format!("expected {WANT}, got {}", kind(&other))),
+        };
+        // A list of numbers is one input's token ids; any other list is a batch.
+        if let Some(Value::Number(_)) = items.first() {
+            return token_ids(&items, "").map(|ids| Input::One(InputItem::Ids(ids)));
+        }
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(InputItem::Text(s)),
+                Value::Array(ids) => token_ids(&ids, &format!("{i}.")).map(InputItem::Ids),
+                other => Err(format!(
+                    "item {i} is {}, expected a string or a list of token ids",
+                    kind(&other)
+                )),
+            })
+            .collect::<Result<_, _>>()
+            .map(Input::Many)
+    }
+}
+
+impl Input {
+    /// The inputs as a list.
+    pub fn into_vec(self) -> Vec<InputItem> {
+        match self {
+            Input::One(i) => vec![i],
+            Input::Many(v) => v,
         }
     }
 }
@@ -193,7 +317,7 @@ pub(crate) enum EncodingFormat {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub(crate) struct OpenAiRequest {
     /// Text(s) or token ids.
-    pub input: OpenAiInput,
+    pub input: Input,
     /// Echoed back; any value is accepted (the server runs one model).
     #[serde(default)]
     #[expect(dead_code, reason = "accepted and documented, never read")]
@@ -428,6 +552,8 @@ pub(crate) struct IndexInfo {
 pub(crate) struct Info {
     /// The served model (what `--model` said).
     pub model_id: String,
+    /// Same as `model_id` (TEI's name for the model clients ask for).
+    pub served_model_name: String,
     /// sha256 of the base model.
     pub model_sha: String,
     /// sha256 of the adapter, if any.
@@ -453,6 +579,9 @@ pub(crate) struct Info {
     pub index: Option<IndexInfo>,
     /// Server version.
     pub version: String,
+    /// Threads that can tokenize at once: tokenizing runs on the runtime's blocking pool,
+    /// which has the machine's cores to run on.
+    pub tokenization_workers: usize,
 }
 
 /// `GET /health`.

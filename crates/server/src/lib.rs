@@ -194,7 +194,8 @@ impl AppState {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "search-r3", description = "Search-R3 embeddings (TEI- and OpenAI-compatible) and search with the model's reasoning."),
-    paths(routes::embed, routes::openai_embeddings, routes::search, routes::upsert, routes::delete,
+    paths(routes::embed, routes::embed_all, routes::similarity, routes::decode, routes::compat,
+          routes::openai_embeddings, routes::search, routes::upsert, routes::delete,
           routes::tokenize, routes::info, routes::health, routes::metrics),
     components(schemas(error::ErrorBody)),
     modifiers(&BearerAuth)
@@ -305,6 +306,7 @@ impl Server {
         let id = &backend.identity;
         let info = Info {
             model_id: id.spec.clone(),
+            served_model_name: id.spec.clone(),
             model_sha: id.sha256.clone(),
             adapter_sha: id.adapter.clone(),
             model_dtype: format!("{:?}", embedder.model.model.dtype()).to_lowercase(),
@@ -332,6 +334,7 @@ impl Server {
                 documents: s.len(),
             }),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            tokenization_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         if let Some(s) = &index {
             metrics.index_documents.set(s.len() as i64);
@@ -351,6 +354,11 @@ impl Server {
         });
         let router = Router::new()
             .route("/embed", post(routes::embed))
+            // TEI's compatibility route (Hugging Face's inference clients post here).
+            .route("/", post(routes::compat))
+            .route("/embed_all", post(routes::embed_all))
+            .route("/similarity", post(routes::similarity))
+            .route("/decode", post(routes::decode))
             .route("/v1/embeddings", post(routes::openai_embeddings))
             .route("/embeddings", post(routes::openai_embeddings))
             .route("/search", post(routes::search))

@@ -39,14 +39,24 @@ enum Task {
     Embed {
         side: Side,
         prompts: Vec<Vec<u32>>,
-        normalize: bool,
-        reply: Reply<Vec<Vec<f32>>>,
+        out: Output,
     },
     Reason {
         query: String,
         reply: Reply<QueryEmbedding>,
     },
     Stop,
+}
+
+/// What an embedding job wants of its prompts' final hidden states.
+enum Output {
+    /// The state at the embed token (L2-normalised when `normalize`).
+    Vector {
+        normalize: bool,
+        reply: Reply<Vec<Vec<f32>>>,
+    },
+    /// The state of every token (`/embed_all`).
+    States { reply: Reply<Vec<Vec<Vec<f32>>>> },
 }
 
 struct Job {
@@ -144,15 +154,21 @@ impl Queue {
     ) -> Result<(Vec<Vec<f32>>, JobTiming), ApiError> {
         let tokens = prompts.iter().map(Vec::len).sum();
         let (reply, rx) = oneshot::channel();
-        self.submit(
-            Task::Embed {
-                side,
-                prompts,
-                normalize,
-                reply,
-            },
-            tokens,
-        )?;
+        let out = Output::Vector { normalize, reply };
+        self.submit(Task::Embed { side, prompts, out }, tokens)?;
+        Self::wait(rx).await
+    }
+
+    /// The final hidden state of every token of each prompt (unnormalised).
+    pub async fn token_states(
+        &self,
+        side: Side,
+        prompts: Vec<Vec<u32>>,
+    ) -> Result<(Vec<Vec<Vec<f32>>>, JobTiming), ApiError> {
+        let tokens = prompts.iter().map(Vec::len).sum();
+        let (reply, rx) = oneshot::channel();
+        let out = Output::States { reply };
+        self.submit(Task::Embed { side, prompts, out }, tokens)?;
         Self::wait(rx).await
     }
 
@@ -190,10 +206,18 @@ impl Queue {
 }
 
 fn same_kind(a: &Task, b: &Task) -> bool {
-    matches!(
-        (a, b),
-        (Task::Embed { side: x, .. }, Task::Embed { side: y, .. }) if x == y
-    ) || matches!((a, b), (Task::Reason { .. }, Task::Reason { .. }))
+    match (a, b) {
+        (
+            Task::Embed {
+                side: x, out: o, ..
+            },
+            Task::Embed {
+                side: y, out: p, ..
+            },
+        ) => x == y && std::mem::discriminant(o) == std::mem::discriminant(p),
+        (Task::Reason { .. }, Task::Reason { .. }) => true,
+        _ => false,
+    }
 }
 
 fn worker(rx: &Mutex<mpsc::Receiver<Job>>, emb: &Embedder, limits: &Limits, m: &Metrics) {
@@ -266,7 +290,14 @@ fn gather(
 
 fn reply_closed(j: &Job) -> bool {
     match &j.task {
-        Task::Embed { reply, .. } => reply.is_closed(),
+        Task::Embed {
+            out: Output::Vector { reply, .. },
+            ..
+        } => reply.is_closed(),
+        Task::Embed {
+            out: Output::States { reply },
+            ..
+        } => reply.is_closed(),
         Task::Reason { reply, .. } => reply.is_closed(),
         Task::Stop => false,
     }
@@ -323,7 +354,8 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
         inference_s: started.elapsed().as_secs_f64(),
         batch_requests: n,
     };
-    if let Task::Embed { side, .. } = batch[0].task {
+    if let Task::Embed { side, out, .. } = &batch[0].task {
+        let (side, states) = (*side, matches!(out, Output::States { .. }));
         let all: Vec<Vec<u32>> = batch
             .iter()
             .flat_map(|j| match &j.task {
@@ -333,38 +365,62 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
             .collect();
         let tokens: usize = all.iter().map(Vec::len).sum();
         m.batch_tokens.observe(tokens as f64);
-        let mut vectors = run_model(m, "embed", "embedding", started, || {
-            emb.embed_prompts_raw(side, &all, cancel)
-        })
-        .map(|v| {
+        let count = || {
             m.tokens
                 .with_label_values(&["prompt"])
-                .inc_by(tokens as u64);
-            v.into_iter()
-        });
-        for (i, j) in batch.into_iter().enumerate() {
-            let Task::Embed {
-                prompts,
-                normalize: norm,
-                reply,
-                ..
-            } = j.task
-            else {
-                unreachable!("batches hold one kind")
-            };
-            let answer = match &mut vectors {
-                Ok(it) => {
-                    let mine: Vec<Vec<f32>> = it.by_ref().take(prompts.len()).collect();
-                    let mine = if norm {
-                        mine.into_iter().map(l2_normalize).collect()
-                    } else {
-                        mine
-                    };
-                    Ok((mine, timing(i)))
-                }
-                Err(msg) => Err(msg.clone()),
-            };
-            let _ = reply.send(answer);
+                .inc_by(tokens as u64)
+        };
+        // Each job takes its own prompts' rows, in order, from the batch's results.
+        if states {
+            let mut rows = run_model(m, "embed", "embedding", started, || {
+                emb.token_states(side, &all, cancel)
+            })
+            .inspect(|_| count())
+            .map(Vec::into_iter);
+            for (i, j) in batch.into_iter().enumerate() {
+                let Task::Embed {
+                    prompts,
+                    out: Output::States { reply },
+                    ..
+                } = j.task
+                else {
+                    unreachable!("batches hold one kind")
+                };
+                let answer = match &mut rows {
+                    Ok(it) => Ok((it.by_ref().take(prompts.len()).collect(), timing(i))),
+                    Err(msg) => Err(msg.clone()),
+                };
+                let _ = reply.send(answer);
+            }
+        } else {
+            let mut rows = run_model(m, "embed", "embedding", started, || {
+                emb.embed_prompts_raw(side, &all, cancel)
+            })
+            .inspect(|_| count())
+            .map(Vec::into_iter);
+            for (i, j) in batch.into_iter().enumerate() {
+                let Task::Embed {
+                    prompts,
+                    out: Output::Vector { normalize, reply },
+                    ..
+                } = j.task
+                else {
+                    unreachable!("batches hold one kind")
+                };
+                let answer = match &mut rows {
+                    Ok(it) => {
+                        let mine = it.by_ref().take(prompts.len());
+                        let mine = if normalize {
+                            mine.map(l2_normalize).collect()
+                        } else {
+                            mine.collect()
+                        };
+                        Ok((mine, timing(i)))
+                    }
+                    Err(msg) => Err(msg.clone()),
+                };
+                let _ = reply.send(answer);
+            }
         }
     } else {
         let queries: Vec<String> = batch
@@ -412,8 +468,10 @@ mod tests {
             task: Task::Embed {
                 side: Side::Document,
                 prompts: vec![vec![1; tokens]],
-                normalize: true,
-                reply,
+                out: Output::Vector {
+                    normalize: true,
+                    reply,
+                },
             },
             enqueued: Instant::now(),
             tokens,

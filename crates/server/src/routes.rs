@@ -130,73 +130,123 @@ fn cut_bytes(mut text: String, bytes: usize, direction: TruncationDirection) -> 
 }
 
 impl AppState {
-    /// Refuses empty or whitespace-only texts (400), as every route that embeds text does.
-    fn check_blank(texts: &[String], field: &str) -> Result<(), ApiError> {
-        match texts.iter().position(|t| t.trim().is_empty()) {
-            Some(i) => Err(ApiError::empty(format!(
-                "`{field}[{i}]` is empty or only whitespace"
+    /// Applies `--max-input-bytes` to `inputs[i]`: a longer text is cut to the bound when
+    /// `cut` truncates (see [`AppState::tokenize_inputs`]), else refused (413).
+    fn within_bytes(
+        &self,
+        i: usize,
+        text: String,
+        cut: Option<Cut>,
+        field: &str,
+    ) -> Result<String, ApiError> {
+        let bound = self.max_input_bytes;
+        match cut {
+            _ if text.len() <= bound => Ok(text),
+            Some(c) if c.truncate => Ok(cut_bytes(text, bound, c.direction)),
+            _ => Err(ApiError::too_large(format!(
+                "`{field}[{i}]` is {} bytes, more than the limit of {bound} \
+                 (--max-input-bytes); shorten it{}",
+                text.len(),
+                if cut.is_some() {
+                    " or send `\"truncate\": true`"
+                } else {
+                    ""
+                }
             ))),
-            None => Ok(()),
         }
     }
 
-    /// Applies `--max-input-bytes`: a longer text is cut to the bound when `cut` truncates
-    /// (see [`AppState::tokenize_texts`]), else refused (413).
-    fn within_bytes(
-        &self,
-        texts: Vec<String>,
-        cut: Option<Cut>,
-        field: &str,
-    ) -> Result<Vec<String>, ApiError> {
-        let bound = self.max_input_bytes;
-        texts
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| match cut {
-                _ if t.len() <= bound => Ok(t),
-                Some(c) if c.truncate => Ok(cut_bytes(t, bound, c.direction)),
-                _ => Err(ApiError::too_large(format!(
-                    "`{field}[{i}]` is {} bytes, more than the limit of {bound} \
-                     (--max-input-bytes); shorten it{}",
-                    t.len(),
-                    if cut.is_some() {
-                        " or send `\"truncate\": true`"
-                    } else {
-                        ""
-                    }
-                ))),
-            })
-            .collect()
-    }
-
-    /// Tokenizes texts as text only, on a blocking thread. A text over `--max-input-bytes` is
-    /// cut to that many bytes first when `cut` truncates — at under 32 bytes per token (any
-    /// ordinary text) the kept bytes still hold more than `cut.limit` tokens, so the token cut
-    /// that follows keeps the tokens it would have kept from the whole text — and is refused
-    /// (413) otherwise, before any tokenizing.
-    async fn tokenize_texts(
+    /// The token ids of each input, on a blocking thread: texts are tokenized as text only,
+    /// ids are checked against the vocabulary. An empty or whitespace-only text is refused
+    /// (400). A text over `--max-input-bytes` is cut to that many bytes first when `cut`
+    /// truncates — at under 32 bytes per token (any ordinary text) the kept bytes still hold
+    /// more than `cut.limit` tokens, so the token cut that follows keeps the tokens it would
+    /// have kept from the whole text — and is refused (413) otherwise, before any tokenizing.
+    async fn tokenize_inputs(
         self: &Arc<Self>,
-        texts: Vec<String>,
-        cut: Option<Cut>,
+        inputs: Vec<InputItem>,
+        cut: Cut,
         field: &'static str,
     ) -> Result<Vec<Vec<u32>>, ApiError> {
-        let texts = self.within_bytes(texts, cut, field)?;
+        let vocab = self.embedder.model.tokenizer.vocab_size() as u32;
+        let inputs = inputs
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                InputItem::Text(t) if t.trim().is_empty() => Err(ApiError::empty(format!(
+                    "`{field}[{i}]` is empty or only whitespace"
+                ))),
+                InputItem::Text(t) => Ok(InputItem::Text(self.within_bytes(
+                    i,
+                    t,
+                    Some(cut),
+                    field,
+                )?)),
+                InputItem::Ids(ids) => match ids.iter().find(|&&id| id >= vocab) {
+                    Some(bad) => Err(ApiError::invalid(format!(
+                        "`{field}[{i}]`: token id {bad} is outside the vocabulary (size {vocab})"
+                    ))),
+                    None => Ok(InputItem::Ids(ids)),
+                },
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let state = self.clone();
         blocking(move || {
-            texts
-                .iter()
+            inputs
+                .into_iter()
                 .enumerate()
-                .map(|(i, t)| {
-                    state
+                .map(|(i, item)| match item {
+                    InputItem::Ids(ids) => Ok(ids),
+                    InputItem::Text(t) => state
                         .embedder
                         .model
                         .tokenizer
-                        .encode(t)
-                        .map_err(|e| ApiError::tokenizer(format!("`{field}[{i}]`: {e}")))
+                        .encode(&t)
+                        .map_err(|e| ApiError::tokenizer(format!("`{field}[{i}]`: {e}"))),
                 })
                 .collect()
         })
         .await
+    }
+
+    /// [`AppState::tokenize_inputs`] for texts.
+    async fn tokenize_texts(
+        self: &Arc<Self>,
+        texts: Vec<String>,
+        cut: Cut,
+        field: &'static str,
+    ) -> Result<Vec<Vec<u32>>, ApiError> {
+        let inputs = texts.into_iter().map(InputItem::Text).collect();
+        self.tokenize_inputs(inputs, cut, field).await
+    }
+
+    /// Embeds inputs (texts or token ids) with `prompt`, after every check of the embedding
+    /// routes; returns the vectors (L2-normalised when `normalize`) and the text-token count.
+    async fn embed_inputs(
+        self: &Arc<Self>,
+        inputs: Vec<InputItem>,
+        cut: Cut,
+        prompt: PromptName,
+        normalize: bool,
+        field: &'static str,
+    ) -> Result<(Vec<Vec<f32>>, usize), ApiError> {
+        self.check_batch(inputs.len(), field)?;
+        let ids = self.tokenize_inputs(inputs, cut, field).await?;
+        let (prompts, n_tokens) = self.prompts(ids, cut, prompt, field)?;
+        let (vectors, _) = self.queue.embed(prompt.side(), prompts, normalize).await?;
+        Ok((vectors, n_tokens))
+    }
+
+    /// Refuses a `dimensions` other than the model's (422): the vectors cannot be shortened.
+    fn check_dimensions(&self, asked: Option<usize>) -> Result<(), ApiError> {
+        let dim = self.embedder.dim();
+        match asked.filter(|d| *d != dim) {
+            Some(d) => Err(ApiError::invalid(format!(
+                "`dimensions` is {d}, but this model's vectors have {dim} dimensions and cannot \
+                 be shortened"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Wraps tokenized inputs in `prompt`, enforcing the request limits: none empty (400), none
@@ -238,6 +288,13 @@ impl AppState {
                 PromptName::Query => self.embedder.query_prompt_ids(&body),
             });
         }
+        self.check_total(n_tokens, field)?;
+        Ok((out, n_tokens))
+    }
+
+    /// At most `--max-batch-tokens` text tokens per request (413): one request may not hold
+    /// the model worker longer than a full batch.
+    fn check_total(&self, n_tokens: usize, field: &str) -> Result<(), ApiError> {
         let most = self.opts.limits.max_batch_tokens;
         if n_tokens > most {
             return Err(ApiError::too_large(format!(
@@ -245,7 +302,7 @@ impl AppState {
                  request (--max-batch-tokens); split it into smaller requests"
             )));
         }
-        Ok((out, n_tokens))
+        Ok(())
     }
 
     fn check_batch(&self, n: usize, field: &str) -> Result<(), ApiError> {
@@ -314,22 +371,161 @@ pub(crate) async fn embed(
     s: St,
     ApiJson(req): ApiJson<EmbedRequest>,
 ) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
-    let texts = req.inputs.into_vec();
-    s.check_batch(texts.len(), "inputs")?;
-    AppState::check_blank(&texts, "inputs")?;
+    s.check_dimensions(req.dimensions)?;
     let cut = s.cut(req.truncate, req.truncation_direction);
-    let ids = s.tokenize_texts(texts, Some(cut), "inputs").await?;
     let name = req.prompt_name.unwrap_or_default();
-    let (prompts, _) = s.prompts(ids, cut, name, "inputs")?;
-    let side = match name {
-        PromptName::Document => Side::Document,
-        PromptName::Query => Side::Query,
-    };
+    let normalize = req.normalize.unwrap_or(true);
     let (vectors, _) = s
-        .queue
-        .embed(side, prompts, req.normalize.unwrap_or(true))
+        .embed_inputs(req.inputs.into_vec(), cut, name, normalize, "inputs")
         .await?;
     Ok(Json(vectors))
+}
+
+/// The final hidden state of every token of each input's prompt (template included, as the
+/// sentence-transformers export's `token_embeddings`), unnormalised, as TEI's `/embed_all`.
+#[utoipa::path(post, path = "/embed_all", request_body = EmbedAllRequest,
+    responses(
+        (status = 200, description = "Per input, one vector per prompt token", body = Vec<Vec<Vec<f32>>>),
+        (status = 400, description = "Empty input", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 413, description = "Too many inputs, an input over the token limit, or a body over the payload limit", body = ErrorBody),
+        (status = 422, description = "Malformed request, token id out of range, or untokenizable text", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody),
+    ))]
+pub(crate) async fn embed_all(
+    s: St,
+    ApiJson(req): ApiJson<EmbedAllRequest>,
+) -> Result<Json<Vec<Vec<Vec<f32>>>>, ApiError> {
+    let inputs = req.inputs.into_vec();
+    s.check_batch(inputs.len(), "inputs")?;
+    let cut = s.cut(req.truncate, req.truncation_direction);
+    let ids = s.tokenize_inputs(inputs, cut, "inputs").await?;
+    let name = req.prompt_name.unwrap_or_default();
+    let (prompts, _) = s.prompts(ids, cut, name, "inputs")?;
+    let (states, _) = s.queue.token_states(name.side(), prompts).await?;
+    Ok(Json(states))
+}
+
+/// Cosine similarity of `source_sentence` with each of `sentences`, as TEI's `/similarity`.
+#[utoipa::path(post, path = "/similarity", request_body = SimilarityRequest,
+    responses(
+        (status = 200, description = "One cosine similarity per sentence", body = Vec<f32>),
+        (status = 400, description = "No sentences, or an empty one", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 413, description = "Too many sentences or one over the token limit", body = ErrorBody),
+        (status = 422, description = "Malformed request or untokenizable text", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody),
+    ))]
+pub(crate) async fn similarity(
+    s: St,
+    ApiJson(req): ApiJson<SimilarityRequest>,
+) -> Result<Json<Vec<f32>>, ApiError> {
+    let SimilarityInput {
+        source_sentence,
+        sentences,
+    } = req.inputs;
+    if sentences.is_empty() {
+        return Err(ApiError::empty("`inputs.sentences` is empty"));
+    }
+    // The source sentence counts against the batch size, as in TEI.
+    s.check_batch(sentences.len() + 1, "inputs.sentences")?;
+    let p = req.parameters.unwrap_or_default();
+    let cut = s.cut(p.truncate, p.truncation_direction);
+    let name = p.prompt_name.unwrap_or_default();
+    let source = s
+        .tokenize_texts(vec![source_sentence], cut, "inputs.source_sentence")
+        .await?;
+    let others = s.tokenize_texts(sentences, cut, "inputs.sentences").await?;
+    let (mut prompts, n_source) = s.prompts(source, cut, name, "inputs.source_sentence")?;
+    let (rest, n_others) = s.prompts(others, cut, name, "inputs.sentences")?;
+    s.check_total(n_source + n_others, "inputs")?;
+    prompts.extend(rest);
+    let (vectors, _) = s.queue.embed(name.side(), prompts, true).await?;
+    let (source, others) = vectors.split_first().expect("at least two inputs");
+    Ok(Json(
+        others
+            .iter()
+            .map(|v| source.iter().zip(v).map(|(a, b)| a * b).sum())
+            .collect(),
+    ))
+}
+
+/// TEI's compatibility route, which Hugging Face's inference clients post to: `/similarity`
+/// when `inputs` is an object (`source_sentence`, `sentences`), else `/embed`.
+#[utoipa::path(post, path = "/", request_body = EmbedRequest,
+    responses(
+        (status = 200, description = "As `/embed` (or `/similarity` for a similarity request)", body = Vec<Vec<f32>>),
+        (status = 400, description = "Empty input", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 413, description = "Too many inputs or an input over the token limit", body = ErrorBody),
+        (status = 422, description = "Malformed request", body = ErrorBody),
+        (status = 429, description = "Queue full", body = ErrorBody),
+    ))]
+pub(crate) async fn compat(s: St, ApiJson(body): ApiJson<serde_json::Value>) -> Response {
+    fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ApiError> {
+        serde_json::from_value(v)
+            .map_err(|e| ApiError::invalid(format!("Failed to deserialize the JSON body: {e}")))
+    }
+    if body.get("inputs").is_some_and(serde_json::Value::is_object) {
+        match parse(body) {
+            Ok(req) => similarity(s, ApiJson(req)).await.into_response(),
+            Err(e) => e.into_response(),
+        }
+    } else {
+        match parse(body) {
+            Ok(req) => embed(s, ApiJson(req)).await.into_response(),
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
+/// Text of token ids, as TEI's `/decode`.
+#[utoipa::path(post, path = "/decode", request_body = DecodeRequest,
+    responses(
+        (status = 200, description = "One text per id list", body = Vec<String>),
+        (status = 401, description = "Missing or wrong API key", body = ErrorBody),
+        (status = 413, description = "Too many id lists, or one over the token limit", body = ErrorBody),
+        (status = 422, description = "Malformed request or a token id outside the vocabulary", body = ErrorBody),
+    ))]
+pub(crate) async fn decode(
+    s: St,
+    ApiJson(req): ApiJson<DecodeRequest>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    let lists = req.ids.0;
+    s.check_batch(lists.len(), "ids")?;
+    let vocab = s.embedder.model.tokenizer.vocab_size() as u32;
+    for (i, ids) in lists.iter().enumerate() {
+        if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
+            return Err(ApiError::invalid(format!(
+                "`ids[{i}]`: token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        if ids.len() > s.max_input_length {
+            return Err(ApiError::too_large(format!(
+                "`ids[{i}]` has {} tokens, more than the limit of {} (--max-input-length)",
+                ids.len(),
+                s.max_input_length
+            )));
+        }
+    }
+    let skip = req.skip_special_tokens.unwrap_or(true);
+    let state = s.0.clone();
+    blocking(move || {
+        lists
+            .iter()
+            .enumerate()
+            .map(|(i, ids)| {
+                state
+                    .embedder
+                    .model
+                    .tokenizer
+                    .decode(ids, skip)
+                    .map_err(|e| ApiError::tokenizer(format!("`ids[{i}]`: {e}")))
+            })
+            .collect()
+    })
+    .await
+    .map(Json)
 }
 
 /// Embed text(s) or token ids as OpenAI's embeddings API does (float or base64).
@@ -346,41 +542,17 @@ pub(crate) async fn openai_embeddings(
     s: St,
     ApiJson(req): ApiJson<OpenAiRequest>,
 ) -> Result<Json<OpenAiResponse>, ApiError> {
-    let dim = s.embedder.dim();
-    if let Some(d) = req.dimensions.filter(|d| *d != dim) {
-        return Err(ApiError::invalid(format!(
-            "`dimensions` is {d}, but this model's vectors have {dim} dimensions and cannot be \
-             shortened"
-        )));
-    }
+    s.check_dimensions(req.dimensions)?;
     let cut = s.cut(None, None);
-    let ids = match req.input {
-        OpenAiInput::One(t) => {
-            let ts = vec![t];
-            AppState::check_blank(&ts, "input")?;
-            s.tokenize_texts(ts, Some(cut), "input").await?
-        }
-        OpenAiInput::Many(ts) => {
-            s.check_batch(ts.len(), "input")?;
-            AppState::check_blank(&ts, "input")?;
-            s.tokenize_texts(ts, Some(cut), "input").await?
-        }
-        OpenAiInput::Tokens(t) => vec![t],
-        OpenAiInput::ManyTokens(ts) => {
-            s.check_batch(ts.len(), "input")?;
-            ts
-        }
-    };
-    let vocab = s.embedder.model.tokenizer.vocab_size() as u32;
-    for (i, t) in ids.iter().enumerate() {
-        if let Some(bad) = t.iter().find(|&&id| id >= vocab) {
-            return Err(ApiError::invalid(format!(
-                "`input[{i}]`: token id {bad} is outside the vocabulary (size {vocab})"
-            )));
-        }
-    }
-    let (prompts, n_tokens) = s.prompts(ids, cut, PromptName::Document, "input")?;
-    let (vectors, _) = s.queue.embed(Side::Document, prompts, true).await?;
+    let (vectors, n_tokens) = s
+        .embed_inputs(
+            req.input.into_vec(),
+            cut,
+            PromptName::Document,
+            true,
+            "input",
+        )
+        .await?;
     let data = vectors
         .into_iter()
         .enumerate()
@@ -437,7 +609,7 @@ pub(crate) async fn search(
     }
     let cut = s.cut(req.truncate, None);
     let ids = s
-        .tokenize_texts(vec![req.query.clone()], Some(cut), "query")
+        .tokenize_texts(vec![req.query.clone()], cut, "query")
         .await?;
     let (prompts, _) = s.prompts(ids.clone(), cut, PromptName::Query, "query")?;
     let (e, timing) = if reason {
@@ -543,7 +715,6 @@ pub(crate) async fn upsert(
         })
         .collect();
     let texts: Vec<String> = docs.iter().map(Document::full_text).collect();
-    AppState::check_blank(&texts, "documents")?;
     // Documents follow the index's own limit, as `search-r3 index` and `index add` do.
     let cut = Cut {
         limit: s.embedder.max_doc_tokens,
@@ -551,7 +722,7 @@ pub(crate) async fn upsert(
         direction: TruncationDirection::Right,
     };
     let long: Vec<bool> = texts.iter().map(|t| t.len() > s.max_input_bytes).collect();
-    let ids = s.tokenize_texts(texts, Some(cut), "documents").await?;
+    let ids = s.tokenize_texts(texts, cut, "documents").await?;
     let truncated = ids
         .iter()
         .zip(&long)
@@ -624,7 +795,11 @@ pub(crate) async fn tokenize(
     let texts = req.inputs.into_vec();
     s.check_batch(texts.len(), "inputs")?;
     // The same bounds as embedding: a text too long to embed is too long to tokenize.
-    let texts = s.within_bytes(texts, None, "inputs")?;
+    let texts = texts
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| s.within_bytes(i, t, None, "inputs"))
+        .collect::<Result<Vec<_>, _>>()?;
     let state = s.0.clone();
     let special = req.add_special_tokens.unwrap_or(true);
     blocking(move || tokens_of(&state, &texts, special))

@@ -356,7 +356,7 @@ async fn malformed_requests_get_precise_errors() {
         (
             "/embed",
             json!({"inputs": 5}),
-            "expected a string or a list of strings",
+            "expected a string, a list of token ids",
         ),
         ("/embed", json!({"inputs": ["a", 5]}), "item 1 is a number"),
         ("/v1/embeddings", json!({"input": [1, -2]}), "item 1 is -2"),
