@@ -17,6 +17,11 @@ bench/.venv/bin/python bench/torch_bench.py "$GGUF" --repeats "$REPEATS" > "$OUT
 python3 - "$OUT/ours.json" "$OUT/torch.json" <<'PY'
 import json, sys
 ours, ref = (json.load(open(p)) for p in sys.argv[1:3])
+m = ours["machine"]
+# The ISA line: ratios from machines with different vector extensions are not comparable.
+print(f"machine: {m['cpu']}, {m['cores']} cores, {' '.join(m['isa'])}; "
+      f"threads: ours {m['threads']}, PyTorch {ref.get('threads')} "
+      f"(cpu capability {ref.get('cpu_capability')})")
 keys = ["prefill_1x142_tok_s", "prefill_8x128_tok_s", "gen_b1_tok_s", "gen_b16_tok_s",
         "fwd_bwd_lora_4x128_tok_s", "peak_rss_inference_mb", "peak_rss_mb"]
 print(f"| metric | search-r3 | PyTorch {ref.get('torch_version','')} | ratio |")

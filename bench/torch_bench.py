@@ -193,6 +193,7 @@ def main():
     res["torch_version"] = torch.__version__
     res["transformers_version"] = transformers.__version__
     res["threads"] = torch.get_num_threads()
+    res["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     res["extra"] = extra
     print(json.dumps(res))
 

@@ -163,14 +163,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     res.insert("load_s".into(), serde_json::json!(load_s));
     res.insert("model".into(), serde_json::json!(m.id));
-    res.insert(
-        "threads".into(),
-        serde_json::json!(candle_core::utils::get_num_threads()),
-    );
-    res.insert(
-        "cpu".into(),
-        serde_json::json!(search_r3_model::cpu_features()),
-    );
+    // Figures from different CPUs are not comparable; the JSON says which one this was.
+    let machine = search_r3_model::Machine::current();
+    eprintln!("machine: {machine}");
+    res.insert("machine".into(), serde_json::json!(machine));
     let json = serde_json::Value::Object(res);
     println!("{}", serde_json::to_string_pretty(&json)?);
     if let Some(p) = &a.json {

@@ -215,7 +215,7 @@ fn run(cli: Cli) -> Result<()> {
                 "eos_ids": m.tokenizer.eos_ids,
                 "pad_id": m.tokenizer.pad_id,
                 "chat_template": m.tokenizer.chat_template.as_deref().unwrap_or("(none: ChatML fallback)"),
-                "cpu": search_r3_model::cpu_features(),
+                "machine": search_r3_model::Machine::current(),
             });
             println!("{}", serde_json::to_string_pretty(&info)?);
         }

@@ -28,6 +28,7 @@ pub mod files;
 mod generate;
 mod load;
 mod lora;
+pub mod machine;
 pub mod merge;
 mod model;
 mod ops;
@@ -40,25 +41,9 @@ pub use error::{Error, Result};
 pub use generate::{generate, Cancel, Generation, GenerationConfig, StopReason};
 pub use load::{known_model_for_tests, load_model, load_path, LoadOptions, LoadedModel};
 pub use lora::{Lora, LoraConfig, LoraTarget};
+pub use machine::Machine;
 pub use model::{Batch, EmbedTokenParams, ForwardOptions, ForwardOutput, KvCache, Model, Path};
 pub use tokenizer::{ChatMessage, TextTokenizer, CHATML_TEMPLATE, EMBED_TOKEN};
-
-/// SIMD features the matmul kernels can use (candle's gemm picks AVX-512 at run time because
-/// this crate links `gemm` with `x86-v4`).
-pub fn cpu_features() -> String {
-    #[cfg(target_arch = "x86_64")]
-    {
-        format!(
-            "avx512f={} avx2={}",
-            std::is_x86_feature_detected!("avx512f"),
-            std::is_x86_feature_detected!("avx2")
-        )
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        std::env::consts::ARCH.to_string()
-    }
-}
 
 /// Process-wide threading defaults; call first thing in `main`, before any tensor op.
 ///
