@@ -34,7 +34,7 @@ pub struct ServeArgs {
     /// Port (0 picks a free one; the bound address is printed).
     #[arg(long, default_value_t = 3000)]
     port: u16,
-    /// Require `Authorization: Bearer KEY` on every route but /health.
+    /// Require `Authorization: Bearer KEY` on every route but /health and the search page (GET /).
     #[arg(long, env = "SEARCH_R3_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     #[command(flatten)]

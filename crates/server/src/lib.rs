@@ -22,6 +22,7 @@
 //! - `queue`: the queue and dynamic batching in front of the backend's worker threads.
 //! - `limits`: [`Limits`], the queue's and the router's limits (flags, options and `/info`).
 //! - `metrics`: the Prometheus metrics of the router and the queue.
+//! - `page`: the search page at `GET /`, built into the binary.
 //! - [`loadgen`]: a closed-loop load generator for the router (`search-r3 bench serve`).
 //!
 //! The backend is [`Backend`] (the model and, optionally, the index); [`Server`] binds the
@@ -32,6 +33,7 @@ mod error;
 mod limits;
 pub mod loadgen;
 mod metrics;
+mod page;
 mod queue;
 mod routes;
 
@@ -67,8 +69,9 @@ use utoipa::OpenApi;
 pub struct ServeOptions {
     /// Address to listen on (port 0 picks a free one).
     pub addr: SocketAddr,
-    /// When set, every route but `/health` needs `Authorization: Bearer <key>` (`serve` reads
-    /// it from `SEARCH_R3_API_KEY`; a `--api-key` flag is visible in the process list).
+    /// When set, every route but `/health` and the page (`GET /`) needs `Authorization: Bearer
+    /// <key>` (`serve` reads it from `SEARCH_R3_API_KEY`; a `--api-key` flag is visible in the
+    /// process list).
     pub api_key: Option<String>,
     /// Limits and batching (`max_input_length` unset: the index's document limit, or 512).
     pub limits: Limits,
@@ -229,7 +232,14 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 async fn auth(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &s.key_digest {
-        if req.uri().path() != "/health" {
+        // The page holds no data and must load before it can ask for the key; `POST /` is an
+        // API route and needs it.
+        let page = req.uri().path() == "/"
+            && matches!(
+                *req.method(),
+                axum::http::Method::GET | axum::http::Method::HEAD
+            );
+        if req.uri().path() != "/health" && !page {
             let given = req
                 .headers()
                 .get(axum::http::header::AUTHORIZATION)
@@ -369,6 +379,7 @@ impl Server {
             .route("/health", get(routes::health))
             .route("/metrics", get(routes::metrics))
             .route("/openapi.json", get(routes::openapi))
+            .route("/", get(page::page))
             .fallback(routes::not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             .layer(DefaultBodyLimit::max(limits.payload_limit))
