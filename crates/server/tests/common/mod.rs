@@ -42,13 +42,21 @@ pub fn with_limits(limits: Limits) -> ServeOptions {
 }
 
 pub async fn start(index: Option<&Path>, opts: ServeOptions) -> Running {
+    start_with(index, EmbedderOptions::default(), opts).await
+}
+
+/// [`start`] with other embedder options (e.g. a small reasoning budget).
+pub async fn start_with(
+    index: Option<&Path>,
+    embedder: EmbedderOptions,
+    opts: ServeOptions,
+) -> Running {
     let index = index.map(Path::to_path_buf);
-    let backend = tokio::task::spawn_blocking(move || {
-        Backend::open("smollm2", &EmbedderOptions::default(), index.as_deref())
-    })
-    .await
-    .unwrap()
-    .expect("loading smollm2");
+    let backend =
+        tokio::task::spawn_blocking(move || Backend::open("smollm2", &embedder, index.as_deref()))
+            .await
+            .unwrap()
+            .expect("loading smollm2");
     let key = opts.api_key.clone();
     let server = Server::bind(backend, opts).await.expect("bind");
     let base = format!("http://{}", server.addr());
