@@ -5,6 +5,7 @@
 //! * [`dataset`] — a BEIR dataset split, cross-checked, and deterministic subsampling.
 //! * [`embedder`] — the embedder: `<|embed_token|>` embeddings, direct or after reasoning.
 //! * [`encode`] — corpus encoding as a resumable, checkpointed batch job.
+//! * [`import`] — BEIR datasets built from Debian-packaged text (WordNet, FOLDOC, man pages).
 //! * [`load`] — loading a model + adapter + templates into an embedder, and its identity.
 //! * [`metrics`] — IR metrics computed exactly as trec_eval computes them.
 //! * [`searcher`] — a persistent index: build, open, search, upsert and delete.
@@ -18,6 +19,7 @@ pub mod dataset;
 pub mod embedder;
 pub mod encode;
 pub mod export;
+pub mod import;
 pub mod load;
 pub mod metrics;
 pub mod searcher;
