@@ -4,6 +4,7 @@
 
 mod adapter;
 mod bench;
+mod data;
 mod eval;
 mod mine;
 mod plot;
@@ -75,6 +76,9 @@ enum Cmd {
     Train(train::TrainCmd),
     /// Serve embeddings (TEI- and OpenAI-compatible) and search with reasoning over HTTP.
     Serve(serve::ServeArgs),
+    /// Training and evaluation data (`data import`: a BEIR dataset from Debian-packaged text).
+    #[command(subcommand)]
+    Data(data::DataCmd),
     /// Plot a training run's curves from its metrics.jsonl to a PNG (default: curves.png next
     /// to it).
     Plot(plot::PlotArgs),
@@ -289,6 +293,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(c) => train::run(&c)?,
         Cmd::Adapter(c) => adapter::run(&c)?,
         Cmd::Plot(a) => plot::plot(&a)?,
+        Cmd::Data(c) => data::run(&c)?,
     }
     Ok(())
 }
