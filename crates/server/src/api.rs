@@ -126,6 +126,18 @@ pub(crate) struct EmbedRequest {
     /// L2-normalise the vectors (default true).
     #[serde(default)]
     pub normalize: Option<bool>,
+    /// Truncation and prompt.
+    #[serde(flatten)]
+    pub prompt: PromptOptions,
+    /// Must equal the model's width when given (the vectors cannot be shortened).
+    #[serde(default)]
+    pub dimensions: Option<usize>,
+}
+
+/// How inputs are cut and which prompt wraps them: the options TEI's `/embed`,
+/// `/embed_all` and `/similarity` (its `parameters`) share.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub(crate) struct PromptOptions {
     /// Cut inputs longer than the token limit instead of answering 413 (default: the
     /// server's `--auto-truncate`).
     #[serde(default)]
@@ -136,9 +148,6 @@ pub(crate) struct EmbedRequest {
     /// `document` (default) or `query`.
     #[serde(default)]
     pub prompt_name: Option<PromptName>,
-    /// Must equal the model's width when given (the vectors cannot be shortened).
-    #[serde(default)]
-    pub dimensions: Option<usize>,
 }
 
 /// `POST /embed_all` (TEI): the final hidden state of every token of each input's prompt.
@@ -146,15 +155,9 @@ pub(crate) struct EmbedRequest {
 pub(crate) struct EmbedAllRequest {
     /// Text(s) or token ids.
     pub inputs: Input,
-    /// Cut inputs longer than the token limit instead of answering 413.
-    #[serde(default)]
-    pub truncate: Option<bool>,
-    /// `Right` (default: keep the start) or `Left`.
-    #[serde(default)]
-    pub truncation_direction: Option<TruncationDirection>,
-    /// `document` (default) or `query`.
-    #[serde(default)]
-    pub prompt_name: Option<PromptName>,
+    /// Truncation and prompt.
+    #[serde(flatten)]
+    pub prompt: PromptOptions,
 }
 
 /// The sentences of `POST /similarity`.
@@ -166,29 +169,15 @@ pub(crate) struct SimilarityInput {
     pub sentences: Vec<String>,
 }
 
-/// Options of `POST /similarity`.
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
-pub(crate) struct SimilarityParameters {
-    /// `document` (default) or `query`: the prompt every sentence is embedded with.
-    #[serde(default)]
-    pub prompt_name: Option<PromptName>,
-    /// Cut sentences longer than the token limit instead of answering 413.
-    #[serde(default)]
-    pub truncate: Option<bool>,
-    /// `Right` (default: keep the start) or `Left`.
-    #[serde(default)]
-    pub truncation_direction: Option<TruncationDirection>,
-}
-
 /// `POST /similarity` (TEI; also `POST /` when `inputs` is an object, as Hugging Face's
 /// `sentence_similarity` clients send it).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub(crate) struct SimilarityRequest {
     /// The source sentence and the sentences to compare with it.
     pub inputs: SimilarityInput,
-    /// Options.
+    /// Truncation and prompt.
     #[serde(default)]
-    pub parameters: Option<SimilarityParameters>,
+    pub parameters: Option<PromptOptions>,
 }
 
 /// `POST /decode` (TEI).

@@ -130,6 +130,12 @@ fn cut_bytes(mut text: String, bytes: usize, direction: TruncationDirection) -> 
 }
 
 impl AppState {
+    /// The cut and prompt a request's [`PromptOptions`] ask for.
+    fn prompt_options(&self, o: &PromptOptions) -> (Cut, PromptName) {
+        let cut = self.cut(o.truncate, o.truncation_direction);
+        (cut, o.prompt_name.unwrap_or_default())
+    }
+
     /// Applies `--max-input-bytes` to `inputs[i]`: a longer text is cut to the bound when
     /// `cut` truncates (see [`AppState::tokenize_inputs`]), else refused (413).
     fn within_bytes(
@@ -372,8 +378,7 @@ pub(crate) async fn embed(
     ApiJson(req): ApiJson<EmbedRequest>,
 ) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
     s.check_dimensions(req.dimensions)?;
-    let cut = s.cut(req.truncate, req.truncation_direction);
-    let name = req.prompt_name.unwrap_or_default();
+    let (cut, name) = s.prompt_options(&req.prompt);
     let normalize = req.normalize.unwrap_or(true);
     let (vectors, _) = s
         .embed_inputs(req.inputs.into_vec(), cut, name, normalize, "inputs")
@@ -398,9 +403,8 @@ pub(crate) async fn embed_all(
 ) -> Result<Json<Vec<Vec<Vec<f32>>>>, ApiError> {
     let inputs = req.inputs.into_vec();
     s.check_batch(inputs.len(), "inputs")?;
-    let cut = s.cut(req.truncate, req.truncation_direction);
+    let (cut, name) = s.prompt_options(&req.prompt);
     let ids = s.tokenize_inputs(inputs, cut, "inputs").await?;
-    let name = req.prompt_name.unwrap_or_default();
     let (prompts, _) = s.prompts(ids, cut, name, "inputs")?;
     let (states, _) = s.queue.token_states(name.side(), prompts).await?;
     Ok(Json(states))
@@ -429,9 +433,7 @@ pub(crate) async fn similarity(
     }
     // The source sentence counts against the batch size, as in TEI.
     s.check_batch(sentences.len() + 1, "inputs.sentences")?;
-    let p = req.parameters.unwrap_or_default();
-    let cut = s.cut(p.truncate, p.truncation_direction);
-    let name = p.prompt_name.unwrap_or_default();
+    let (cut, name) = s.prompt_options(&req.parameters.unwrap_or_default());
     let source = s
         .tokenize_texts(vec![source_sentence], cut, "inputs.source_sentence")
         .await?;

@@ -315,6 +315,16 @@ async fn a_departed_clients_batch_stops_and_the_next_request_is_served() {
     .await;
     let (st, b) = s.post("/embed", body).await;
     assert_error(st, &b, StatusCode::SERVICE_UNAVAILABLE, "timeout");
+    // The batch stops at its next forward pass; only then is the worker free. Waiting for that
+    // here keeps the next request's own 1 s deadline clear of a loaded machine's slow pass.
+    let t = Instant::now();
+    while metric(&s, "search_r3_cancelled_batches_total").await < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the batch was never cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (st, _) = s.post("/embed", json!({"inputs": "after"})).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(metric(&s, "search_r3_cancelled_batches_total").await, 1.0);
