@@ -23,6 +23,7 @@
 //! (`<|im_end|>`) are read as text here but parsed as that token by Hugging Face tokenizers.
 
 use crate::embedder::{EmbedError, Embedder};
+use search_r3_model::merge::{staging_dir, write_json};
 use search_r3_model::Error;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -40,13 +41,7 @@ pub fn save_sentence_transformers(
     dir: &Path,
     extra: &Value,
 ) -> Result<(), EmbedError> {
-    if dir.exists() {
-        return Err(Error::file(
-            dir,
-            "already exists; choose a new output directory (nothing was overwritten)",
-        )
-        .into());
-    }
+    let tmp = staging_dir(dir, ".export-")?;
     if e.query_tower.is_some() {
         return Err(refuse(
             "the adapter has a query tower: queries and documents run through different \
@@ -61,15 +56,6 @@ pub fn save_sentence_transformers(
                 .into(),
         ));
     }
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|err| Error::io(parent, err))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".export-")
-        .tempdir_in(parent)
-        .map_err(|err| Error::io(parent, err))?;
     let out = tmp.path().join("model");
     search_r3_model::merge::save_hf_dir(&e.model.model, &e.model.tokenizer, &out, extra)?;
     let write = |name: &str, v: &Value| -> Result<(), EmbedError> {
@@ -77,8 +63,7 @@ pub fn save_sentence_transformers(
         if let Some(d) = p.parent() {
             std::fs::create_dir_all(d).map_err(|err| Error::io(d, err))?;
         }
-        let text = serde_json::to_string_pretty(v).expect("JSON value serialises");
-        std::fs::write(&p, text + "\n").map_err(|err| Error::io(&p, err).into())
+        Ok(write_json(&p, v)?)
     };
 
     let tj = out.join("tokenizer.json");

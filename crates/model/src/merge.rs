@@ -221,6 +221,33 @@ fn hf_config(model: &Model, tok: &TextTokenizer, extra: &serde_json::Value) -> s
     cfg
 }
 
+/// A temporary directory beside `dir` for an export to be written into and then renamed to
+/// `dir`, so an interrupted export never leaves a half-written directory there. `dir` must not
+/// exist yet (nothing is overwritten); its parent is created.
+pub fn staging_dir(dir: &Path, prefix: &str) -> Result<tempfile::TempDir> {
+    if dir.exists() {
+        return Err(Error::file(
+            dir,
+            "already exists; choose a new output directory (nothing was overwritten)",
+        ));
+    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(parent)
+        .map_err(|e| Error::io(parent, e))
+}
+
+/// Writes `v` as pretty JSON with a final newline, as every file of an export is written.
+pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).expect("JSON value serialises");
+    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
 /// Writes `model` (adapters merged first, on a copy) with its tokenizer as an HF directory at
 /// `dir`, which must not exist yet. Everything is written into a sibling temporary directory
 /// that is renamed into place last, so an interrupted export never leaves a half-written
@@ -232,12 +259,7 @@ pub fn save_hf_dir(
     dir: &Path,
     extra: &serde_json::Value,
 ) -> Result<()> {
-    if dir.exists() {
-        return Err(Error::file(
-            dir,
-            "already exists; choose a new output directory (nothing was overwritten)",
-        ));
-    }
+    let tmp = staging_dir(dir, ".merge-")?;
     let mut merged = model.clone();
     merged.merge_lora()?;
     if let Some(e) = &merged.embed_token {
@@ -248,21 +270,8 @@ pub fn save_hf_dir(
             )));
         }
     }
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".merge-")
-        .tempdir_in(parent)
-        .map_err(|e| Error::io(parent, e))?;
     let t = tmp.path();
-    let json = |name: &str, v: &serde_json::Value| -> Result<()> {
-        let p = t.join(name);
-        let text = serde_json::to_string_pretty(v).expect("JSON value serialises");
-        std::fs::write(&p, text + "\n").map_err(|e| Error::io(&p, e))
-    };
+    let json = |name: &str, v: &serde_json::Value| write_json(&t.join(name), v);
     json("config.json", &hf_config(&merged, tok, extra))?;
     let st = t.join("model.safetensors");
     let mut md = std::collections::HashMap::new();

@@ -330,6 +330,17 @@ fn run_model<T>(
     }
 }
 
+/// One job's `n` rows, in order, from its batch's results, or the batch's error.
+fn take_rows<T>(
+    rows: &mut Result<std::vec::IntoIter<T>, String>,
+    n: usize,
+) -> Result<Vec<T>, String> {
+    match rows {
+        Ok(it) => Ok(it.by_ref().take(n).collect()),
+        Err(msg) => Err(msg.clone()),
+    }
+}
+
 fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
     // A client that went away (timeout, disconnect) no longer needs its job run.
     batch.retain(|j| !reply_closed(j));
@@ -370,7 +381,6 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
                 .with_label_values(&["prompt"])
                 .inc_by(tokens as u64)
         };
-        // Each job takes its own prompts' rows, in order, from the batch's results.
         if states {
             let mut rows = run_model(m, "embed", "embedding", started, || {
                 emb.token_states(side, &all, cancel)
@@ -386,10 +396,7 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
                 else {
                     unreachable!("batches hold one kind")
                 };
-                let answer = match &mut rows {
-                    Ok(it) => Ok((it.by_ref().take(prompts.len()).collect(), timing(i))),
-                    Err(msg) => Err(msg.clone()),
-                };
+                let answer = take_rows(&mut rows, prompts.len()).map(|v| (v, timing(i)));
                 let _ = reply.send(answer);
             }
         } else {
@@ -407,18 +414,14 @@ fn run_batch(mut batch: Vec<Job>, emb: &Embedder, m: &Metrics) {
                 else {
                     unreachable!("batches hold one kind")
                 };
-                let answer = match &mut rows {
-                    Ok(it) => {
-                        let mine = it.by_ref().take(prompts.len());
-                        let mine = if normalize {
-                            mine.map(l2_normalize).collect()
-                        } else {
-                            mine.collect()
-                        };
-                        Ok((mine, timing(i)))
-                    }
-                    Err(msg) => Err(msg.clone()),
-                };
+                let answer = take_rows(&mut rows, prompts.len()).map(|mine| {
+                    let mine = if normalize {
+                        mine.into_iter().map(l2_normalize).collect()
+                    } else {
+                        mine
+                    };
+                    (mine, timing(i))
+                });
                 let _ = reply.send(answer);
             }
         }

@@ -174,7 +174,6 @@ impl AppState {
         cut: Cut,
         field: &'static str,
     ) -> Result<Vec<Vec<u32>>, ApiError> {
-        let vocab = self.embedder.model.tokenizer.vocab_size() as u32;
         let inputs = inputs
             .into_iter()
             .enumerate()
@@ -188,12 +187,10 @@ impl AppState {
                     Some(cut),
                     field,
                 )?)),
-                InputItem::Ids(ids) => match ids.iter().find(|&&id| id >= vocab) {
-                    Some(bad) => Err(ApiError::invalid(format!(
-                        "`{field}[{i}]`: token id {bad} is outside the vocabulary (size {vocab})"
-                    ))),
-                    None => Ok(InputItem::Ids(ids)),
-                },
+                InputItem::Ids(ids) => {
+                    self.check_ids(&ids, i, field)?;
+                    Ok(InputItem::Ids(ids))
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
         let state = self.clone();
@@ -213,6 +210,17 @@ impl AppState {
                 .collect()
         })
         .await
+    }
+
+    /// Refuses (422) token ids of `{field}[{i}]` outside the vocabulary.
+    fn check_ids(&self, ids: &[u32], i: usize, field: &str) -> Result<(), ApiError> {
+        let vocab = self.embedder.model.tokenizer.vocab_size() as u32;
+        match ids.iter().find(|&&id| id >= vocab) {
+            Some(bad) => Err(ApiError::invalid(format!(
+                "`{field}[{i}]`: token id {bad} is outside the vocabulary (size {vocab})"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// [`AppState::tokenize_inputs`] for texts.
@@ -495,13 +503,8 @@ pub(crate) async fn decode(
 ) -> Result<Json<Vec<String>>, ApiError> {
     let lists = req.ids.0;
     s.check_batch(lists.len(), "ids")?;
-    let vocab = s.embedder.model.tokenizer.vocab_size() as u32;
     for (i, ids) in lists.iter().enumerate() {
-        if let Some(bad) = ids.iter().find(|&&id| id >= vocab) {
-            return Err(ApiError::invalid(format!(
-                "`ids[{i}]`: token id {bad} is outside the vocabulary (size {vocab})"
-            )));
-        }
+        s.check_ids(ids, i, "ids")?;
         if ids.len() > s.max_input_length {
             return Err(ApiError::too_large(format!(
                 "`ids[{i}]` has {} tokens, more than the limit of {} (--max-input-length)",
